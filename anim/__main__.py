@@ -1,0 +1,3 @@
+from anim.cli import main
+
+raise SystemExit(main())

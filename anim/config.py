@@ -1,0 +1,265 @@
+"""Configuration: defaults < TOML file < ``ANIM_<SECTION>_<KEY>`` environment < CLI flags.
+
+The embedded default needs neither a file nor a variable: data under ``./anim-data``
+(SQLite index + files), DIMSE on 11112 and HTTP on 8080, both on loopback.
+Everything is validated once at load and frozen; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anim.errors import ConfigError
+
+PERMISSIONS = ("store", "find", "move", "get")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownAE:
+    """A DICOM peer known by its AE title (a modality, a PACS, a move destination)."""
+
+    title: str
+    host: str = ""
+    port: int = 104
+    institution: str = ""
+    permissions: frozenset[str] = frozenset(PERMISSIONS)
+
+    @property
+    def institution_name(self) -> str:
+        return self.institution or self.title
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    data_dir: Path = Path("anim-data")
+    blob_dir: Path | None = None  # default: <data_dir>/blobs
+
+    @property
+    def blobs(self) -> Path:
+        return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexConfig:
+    url: str = ""  # default: sqlite:///<data_dir>/index.sqlite
+    batch_max: int = 64  # group commit: at most this many stores per transaction
+    pool_size: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DimseConfig:
+    host: str = "127.0.0.1"
+    port: int = 11112
+    aet: str = "ANIM"
+    max_pdu: int = 0  # 0 = unlimited: fewer, larger P-DATA PDUs
+    max_associations: int = 32
+    network_timeout: float = 60.0
+    allow_unknown_callers: bool = True
+    known_aes: tuple[KnownAE, ...] = ()
+
+    def find_ae(self, title: str) -> KnownAE | None:
+        for ae in self.known_aes:
+            if ae.title == title:
+                return ae
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    dimse: DimseConfig = field(default_factory=DimseConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def index_url(self) -> str:
+        if self.index.url:
+            return self.index.url
+        return f"sqlite:///{(self.storage.data_dir / 'index.sqlite').resolve()}"
+
+
+_SECTIONS: dict[str, type] = {
+    "storage": StorageConfig,
+    "index": IndexConfig,
+    "dimse": DimseConfig,
+    "web": WebConfig,
+    "log": LogConfig,
+}
+
+
+def _check_aet(title: str, what: str) -> str:
+    # PS3.8 9.3.2: AE titles are 1-16 characters of the default repertoire, no backslash
+    t = title.strip()
+    if not t or len(t) > 16 or "\\" in t or not t.isascii() or not t.isprintable():
+        raise ConfigError(f"{what}: invalid AE title {title!r} (1-16 ASCII characters)")
+    return t
+
+
+def _check_port(port: Any, what: str) -> int:
+    try:
+        p = int(port)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: port must be an integer, got {port!r}") from None
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"{what}: port {p} out of range 0-65535")
+    return p
+
+
+def parse_known_ae(spec: str) -> KnownAE:
+    """Parse ``TITLE=HOST:PORT`` (the ``--known-ae`` flag) into a KnownAE."""
+    title, sep, rest = spec.partition("=")
+    host, sep2, port = rest.rpartition(":")
+    if not sep or not sep2 or not host:
+        raise ConfigError(f"--known-ae: expected TITLE=HOST:PORT, got {spec!r}")
+    return KnownAE(
+        title=_check_aet(title, "--known-ae"),
+        host=host,
+        port=_check_port(port, "--known-ae"),
+    )
+
+
+def _known_ae_from_table(title: str, table: Mapping[str, Any]) -> KnownAE:
+    unknown = set(table) - {"host", "port", "institution", "permissions"}
+    if unknown:
+        raise ConfigError(f"[dimse.known_aes.{title}]: unknown keys {sorted(unknown)}")
+    perms = table.get("permissions", list(PERMISSIONS))
+    if not isinstance(perms, list) or not set(perms) <= set(PERMISSIONS):
+        raise ConfigError(
+            f"[dimse.known_aes.{title}].permissions: expected a list of {list(PERMISSIONS)}"
+        )
+    return KnownAE(
+        title=_check_aet(title, "[dimse.known_aes]"),
+        host=str(table.get("host", "")),
+        port=_check_port(table.get("port", 104), f"[dimse.known_aes.{title}]"),
+        institution=str(table.get("institution", "")),
+        permissions=frozenset(perms),
+    )
+
+
+def _coerce(section: str, key: str, ftype: Any, value: Any) -> Any:
+    what = f"[{section}].{key}"
+    t = str(ftype)
+    if "Path" in t:
+        return Path(str(value)) if value not in ("", None) else None
+    if t == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{what}: expected true/false, got {value!r}")
+    if t == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what}: expected an integer, got {value!r}") from None
+    if t == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what}: expected a number, got {value!r}") from None
+    return str(value)
+
+
+def _apply(cfg: Config, section: str, values: Mapping[str, Any], origin: str) -> Config:
+    if section not in _SECTIONS:
+        raise ConfigError(f"{origin}: unknown section [{section}]")
+    current = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(current)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if section == "dimse" and key == "known_aes":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{origin}: [dimse.known_aes] must be a table of tables")
+            aes = tuple(_known_ae_from_table(t, v) for t, v in value.items())
+            changes["known_aes"] = current.known_aes + aes
+            continue
+        if key not in fields:
+            raise ConfigError(f"{origin}: unknown key {key!r} in [{section}]")
+        changes[key] = _coerce(section, key, fields[key].type, value)
+    if section == "storage" and changes.get("data_dir") is None and "data_dir" in changes:
+        raise ConfigError(f"{origin}: [storage].data_dir must not be empty")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(current, **changes)})
+
+
+def _validate(cfg: Config) -> Config:
+    _check_aet(cfg.dimse.aet, "[dimse].aet")
+    _check_port(cfg.dimse.port, "[dimse].port")
+    _check_port(cfg.web.port, "[web].port")
+    if cfg.dimse.max_pdu < 0:
+        raise ConfigError("[dimse].max_pdu must be 0 (unlimited) or positive")
+    if cfg.dimse.max_associations < 1:
+        raise ConfigError("[dimse].max_associations must be at least 1")
+    if cfg.index.batch_max < 1:
+        raise ConfigError("[index].batch_max must be at least 1")
+    if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"[log].level: expected DEBUG/INFO/WARNING/ERROR, got {cfg.log.level!r}")
+    titles = [ae.title for ae in cfg.dimse.known_aes]
+    if len(titles) != len(set(titles)):
+        raise ConfigError("[dimse.known_aes]: an AE title is listed twice")
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the configuration: defaults < TOML file < ANIM_* environment < overrides.
+
+    Parameters
+    ----------
+    path : the TOML file, or None for none.
+    env : the environment (``os.environ`` when None); ``ANIM_DIMSE_PORT=11113`` sets
+        ``[dimse].port``. ``ANIM_CONFIG`` names a TOML file when *path* is None.
+    overrides : ``{section: {key: value}}`` from command-line flags.
+
+    Raises
+    ------
+    ConfigError
+        An unreadable file, an unknown key or a bad value.
+    """
+    env = os.environ if env is None else env
+    cfg = Config()
+    path = path or env.get("ANIM_CONFIG") or None
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"configuration file {path}: {e}") from None
+        for section, values in data.items():
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+            cfg = _apply(cfg, section, values, str(path))
+    for name, value in sorted(env.items()):
+        if not name.startswith("ANIM_") or name == "ANIM_CONFIG":
+            continue
+        rest = name[5:].lower()
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS and key:
+            cfg = _apply(cfg, section, {key: value}, f"environment {name}")
+    for section, values in (overrides or {}).items():
+        cfg = _apply(cfg, section, values, "command line")
+    return _validate(cfg)

@@ -1,0 +1,37 @@
+"""The archive's errors, translated once at each edge (scp/status.py, web/).
+
+::
+
+    AnimError
+    ├── ConfigError          bad or unknown setting (startup only)
+    ├── InvalidInstance      not DICOM / required UID missing / undecodable header
+    │   └── SOPClassMismatch data set's SOP Class differs from the one negotiated
+    ├── NotFound             no such study / series / instance / version
+    └── StorageUnavailable   disk full or unwritable, index unreachable or locked
+"""
+
+from __future__ import annotations
+
+
+class AnimError(Exception):
+    """Base of every error the archive raises on purpose."""
+
+
+class ConfigError(AnimError):
+    """A setting is unknown or invalid."""
+
+
+class InvalidInstance(AnimError):
+    """The object cannot be understood as a DICOM instance we can keep."""
+
+
+class SOPClassMismatch(InvalidInstance):
+    """The data set does not match the SOP Class it was sent as (PS3.4 B.2.3, 0xA900)."""
+
+
+class NotFound(AnimError):
+    """The requested object does not exist."""
+
+
+class StorageUnavailable(AnimError):
+    """Blobs or index cannot be written now; the sender may retry later."""

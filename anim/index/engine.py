@@ -1,0 +1,49 @@
+"""Engine creation: SQLite (WAL, synchronous=FULL) or PostgreSQL (psycopg 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+
+def make_engine(url: str, pool_size: int = 8) -> Engine:
+    """Create the engine for *url*; ``postgresql://`` uses psycopg 3."""
+    u = make_url(url)
+    if u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")
+    if u.get_backend_name() == "sqlite":
+        engine = create_engine(
+            u,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
+        _sqlite_pragmas(engine)
+        return engine
+    return create_engine(u, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN itself (SAVEPOINT works then),
+        # as the SQLAlchemy SQLite dialect docs recommend for pysqlite.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk when it returns (durability before acknowledging)
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        # Writers take the write lock up front: no read-then-upgrade deadlock
+        # between processes sharing the file.
+        if conn.get_execution_options().get("anim_writer"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

@@ -1,0 +1,484 @@
+"""The index: writes go through one group-commit writer; reads use the pool.
+
+Writers (DIMSE associations, STOW requests, imports) hand their index work to
+``GroupCommitter``, which runs up to ``batch_max`` of them in one transaction and
+wakes each caller only after the COMMIT returned: one fsync of the WAL covers a
+whole batch, and no caller is told "stored" before its rows are durable. Each
+item runs in its own SAVEPOINT, so one bad item never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from anim.errors import AnimError, NotFound, StorageUnavailable
+from anim.index.schema import change, instance, patient, series, study, version
+from anim.models import (
+    Source,
+    StoredInstance,
+    StoreOutcome,
+    StoreResult,
+    VersionInfo,
+    VersionState,
+)
+
+log = logging.getLogger(__name__)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestItem:
+    """Everything the index needs to record one received object."""
+
+    keys: dict[str, Any]  # dicomfile.index_keys
+    digest: str
+    header_key: str
+    pixel_key: str | None
+    trailer_key: str | None
+    prefix: bytes
+    transfer_syntax: str
+    size: int
+    dicom_json: str
+    source: Source
+    new_bytes: int
+
+
+Cache = dict[tuple[str, ...], tuple[Any, ...]]
+_Work = Callable[[Connection, Cache], Any]
+
+
+class GroupCommitter:
+    """One writer thread; callers block until their batch is committed."""
+
+    def __init__(self, engine: Engine, batch_max: int) -> None:
+        self._engine = engine
+        self._batch_max = batch_max
+        self._queue: queue.Queue[tuple[_Work, Future[Any]] | None] = queue.Queue()
+        # ids and attributes of rows this writer wrote last: lets a new instance of a
+        # known series skip re-writing unchanged patient, study and series rows.
+        # Owned by the writer thread; cleared whenever a write is rolled back.
+        self._cache: Cache = {}
+        self._thread = threading.Thread(target=self._run, name="anim-index-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: _Work) -> Any:
+        fut: Future[Any] = Future()
+        self._queue.put((work, fut))
+        return fut.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self._batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[_Work, Future[Any]]]) -> None:
+        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            conn_cm = self._engine.connect().execution_options(anim_writer=True)
+            with conn_cm as conn, conn.begin():
+                for work, fut in batch:
+                    try:
+                        with conn.begin_nested():
+                            results.append((fut, work(conn, self._cache), None))
+                    except (AnimError, IntegrityError) as e:
+                        self._cache.clear()
+                        results.append((fut, None, e))
+                    except OperationalError:
+                        raise
+                    except Exception as e:
+                        self._cache.clear()
+                        log.exception("index: unexpected error in a write")
+                        results.append((fut, None, e))
+        except (DBAPIError, OSError) as e:
+            self._cache.clear()
+            log.error("index: commit of %d writes failed: %s", len(batch), e)
+            err = StorageUnavailable(f"index write failed: {type(e).__name__}")
+            for _work, fut in batch:
+                fut.set_exception(err)
+            return
+        for fut, value, err in results:
+            if err is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(err)
+
+
+def _insert(conn: Connection, table: Any) -> Any:
+    if conn.dialect.name == "postgresql":
+        return pg_insert(table)
+    return sqlite_insert(table)
+
+
+class Index:
+    """The archive's index over one SQLAlchemy Engine."""
+
+    def __init__(self, engine: Engine, batch_max: int = 64) -> None:
+        self.engine = engine
+        self._writer = GroupCommitter(engine, batch_max)
+
+    def close(self) -> None:
+        self._writer.close()
+        self.engine.dispose()
+
+    # ---- writes ---------------------------------------------------------------
+
+    def record(self, item: IngestItem) -> StoreResult:
+        """Record a received object and decide what it is (DESIGN.md "Storage")."""
+        return self._writer.submit(lambda conn, cache: _record(conn, item, cache))
+
+    def promote(self, version_id: int) -> VersionInfo:
+        """Make a quarantined version current; the current one becomes superseded."""
+        return self._writer.submit(lambda conn, cache: _promote(conn, version_id, cache))
+
+    def reject(self, version_id: int) -> VersionInfo:
+        return self._writer.submit(lambda conn, _cache: _reject(conn, version_id))
+
+    # ---- reads ----------------------------------------------------------------
+
+    def locate(self, sop_uid: str, version_id: int | None = None) -> StoredInstance:
+        """Where the bytes of an instance (current version unless told) are."""
+        v, i = version, instance
+        if version_id is None:
+            cond = and_(i.c.sop_uid == sop_uid, v.c.id == i.c.current_version_fk)
+        else:
+            cond = and_(i.c.sop_uid == sop_uid, v.c.id == version_id)
+        q = select(
+            i.c.sop_uid, i.c.sop_class_uid, v.c.transfer_syntax, v.c.prefix, v.c.header_key,
+            v.c.pixel_key, v.c.trailer_key, v.c.size, v.c.id,
+        ).select_from(i.join(v, v.c.instance_fk == i.c.id)).where(cond)
+        with self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        if row is None:
+            raise NotFound(f"no instance {sop_uid}")
+        keys = tuple(k for k in (row.header_key, row.pixel_key, row.trailer_key) if k)
+        return StoredInstance(
+            sop_instance_uid=row.sop_uid, sop_class_uid=row.sop_class_uid,
+            transfer_syntax=row.transfer_syntax, prefix=bytes(row.prefix), blob_keys=keys,
+            size=int(row.size), version_id=int(row.id),
+        )
+
+    def versions(
+        self, state: VersionState | None = None, sop_uid: str | None = None
+    ) -> list[VersionInfo]:
+        q = _version_info_query()
+        if state is not None:
+            q = q.where(version.c.state == state.value)
+        if sop_uid is not None:
+            q = q.where(instance.c.sop_uid == sop_uid)
+        with self.engine.connect() as conn:
+            return [_version_info(r) for r in conn.execute(q.order_by(version.c.id))]
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {
+                t.name: int(conn.execute(select(func.count()).select_from(t)).scalar() or 0)
+                for t in (patient, study, series, instance, version, change)
+            }
+
+    def referenced_blobs(self) -> Iterator[str]:
+        with self.engine.connect() as conn:
+            for row in conn.execute(
+                select(version.c.header_key, version.c.pixel_key, version.c.trailer_key)
+            ):
+                for k in row:
+                    if k:
+                        yield k
+
+    def study_uids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(study.c.study_uid).order_by(study.c.id)).scalars())
+
+    def instance_uids(self, study_uid: str | None = None) -> list[str]:
+        q = select(instance.c.sop_uid).order_by(instance.c.id)
+        if study_uid is not None:
+            q = q.select_from(
+                instance.join(series, series.c.id == instance.c.series_fk).join(
+                    study, study.c.id == series.c.study_fk)
+            ).where(study.c.study_uid == study_uid)
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
+    def study_row(self, study_uid: str) -> dict[str, Any]:
+        q = select(study, patient.c.patient_id, patient.c.issuer, patient.c.patient_name).join(
+            patient, patient.c.id == study.c.patient_fk).where(study.c.study_uid == study_uid)
+        with self.engine.connect() as conn:
+            row = conn.execute(q).mappings().first()
+        if row is None:
+            raise NotFound(f"no study {study_uid}")
+        return dict(row)
+
+    def changes_since(self, seq: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        q = select(change).where(change.c.seq > seq).order_by(change.c.seq).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+
+# ---- the write transactions (run on the writer thread) --------------------------
+
+
+def _version_info_query() -> Any:
+    return select(
+        version.c.id, instance.c.sop_uid, study.c.study_uid, version.c.state,
+        version.c.institution, version.c.source_ae, version.c.source_host,
+        version.c.received_at, version.c.size, version.c.transfer_syntax,
+    ).select_from(
+        version.join(instance, instance.c.id == version.c.instance_fk)
+        .join(series, series.c.id == instance.c.series_fk)
+        .join(study, study.c.id == series.c.study_fk)
+    )
+
+
+def _version_info(r: Any) -> VersionInfo:
+    return VersionInfo(
+        id=int(r.id), sop_instance_uid=r.sop_uid, study_instance_uid=r.study_uid,
+        state=VersionState(r.state), institution=r.institution, ae_title=r.source_ae,
+        host=r.source_host, received_at=r.received_at, size=int(r.size),
+        transfer_syntax=r.transfer_syntax,
+    )
+
+
+def _get_or_create(conn: Connection, table: Any, key: dict[str, Any],
+                   values: dict[str, Any]) -> tuple[int, bool]:
+    """Upsert-by-key that is safe across processes (ON CONFLICT DO NOTHING)."""
+    cond = and_(*(table.c[k] == v for k, v in key.items()))
+    row = conn.execute(select(table.c.id).where(cond)).first()
+    if row is not None:
+        if values:
+            conn.execute(update(table).where(table.c.id == row.id).values(**values))
+        return int(row.id), False
+    stmt = _insert(conn, table).values(**key, **values).on_conflict_do_nothing()
+    res = conn.execute(stmt)
+    if res.rowcount:
+        return int(res.inserted_primary_key[0]), True
+    row = conn.execute(select(table.c.id).where(cond)).first()
+    if row is None:  # cannot happen: ON CONFLICT means the row exists
+        raise StorageUnavailable(f"index: {table.name} row vanished during upsert")
+    return int(row.id), False
+
+
+def _cached(conn: Connection, cache: Cache, ck: tuple[str, ...], table: Any,
+            key: dict[str, Any], values: dict[str, Any]) -> tuple[int, bool]:
+    hit = cache.get(ck)
+    attrs = tuple(values.values())
+    if hit is not None and hit[1] == attrs:
+        return int(hit[0]), False
+    rid, created = _get_or_create(conn, table, key, values)
+    cache[ck] = (rid, attrs)
+    return rid, created
+
+
+def _attach(conn: Connection, k: dict[str, Any], at: str,
+            cache: Cache) -> tuple[int, int, bool, bool]:
+    """Upsert patient, study and series from an instance's keys.
+
+    Returns (study id, series id, study created, series created). The newest
+    header wins for patient, study and series attributes.
+    """
+    pid, _ = _cached(conn, cache, ("p", k["patient_id"], k["issuer"]), patient,
+                     {"patient_id": k["patient_id"], "issuer": k["issuer"]}, {
+        "patient_name": k["patient_name"], "patient_name_norm": k["patient_name_norm"],
+        "birth_date": k["birth_date"], "sex": k["sex"],
+    })
+    sid, study_new = _cached(conn, cache, ("st", k["study_uid"]), study,
+                             {"study_uid": k["study_uid"]}, {
+        "patient_fk": pid, "study_date": k["study_date"], "study_time": k["study_time"],
+        "accession_number": k["accession_number"], "study_id": k["study_id"],
+        "description": k["study_description"], "referring_physician": k["referring_physician"],
+    })
+    if study_new:
+        conn.execute(update(patient).where(patient.c.id == pid)
+                     .values(num_studies=patient.c.num_studies + 1))
+    seid, series_new = _cached(conn, cache, ("se", k["series_uid"]), series,
+                               {"series_uid": k["series_uid"]}, {
+        "study_fk": sid, "modality": k["modality"], "series_number": k["series_number"],
+        "description": k["series_description"], "body_part": k["body_part"],
+        "series_date": k["series_date"],
+    })
+    return sid, seid, study_new, series_new
+
+
+def _refresh_study(conn: Connection, study_id: int) -> None:
+    """Recompute a study's denormalised series-level figures (after a series change)."""
+    mods = sorted({m for m in conn.execute(
+        select(series.c.modality).where(series.c.study_fk == study_id)).scalars() if m})
+    n_series = conn.execute(select(func.count()).select_from(series)
+                            .where(series.c.study_fk == study_id)).scalar()
+    conn.execute(update(study).where(study.c.id == study_id).values(
+        modalities="\\".join(mods), num_series=n_series))
+
+
+def _version_values(item: IngestItem, instance_id: int, state: VersionState,
+                    at: str) -> dict[str, Any]:
+    return {
+        "instance_fk": instance_id, "state": state.value, "digest": item.digest,
+        "header_key": item.header_key, "pixel_key": item.pixel_key,
+        "trailer_key": item.trailer_key, "prefix": item.prefix,
+        "transfer_syntax": item.transfer_syntax, "size": item.size,
+        "dicom_json": item.dicom_json, "institution": item.source.institution,
+        "source_ae": item.source.ae_title[:16], "source_host": item.source.host[:64],
+        "protocol": item.source.protocol, "received_at": at,
+    }
+
+
+def _log_change(conn: Connection, kind: str, k: dict[str, Any], version_id: int, at: str) -> None:
+    conn.execute(change.insert().values(
+        at=at, kind=kind, study_uid=k["study_uid"], series_uid=k["series_uid"],
+        sop_uid=k["sop_uid"], version_fk=version_id))
+
+
+def _record(conn: Connection, item: IngestItem, cache: Cache) -> StoreResult:
+    k = item.keys
+    at = now()
+    row = conn.execute(select(instance.c.id, instance.c.current_version_fk)
+                       .where(instance.c.sop_uid == k["sop_uid"])).first()
+    if row is None:
+        return _record_new(conn, item, at, cache)
+    inst_id = int(row.id)
+    known = conn.execute(select(version.c.id, version.c.state).where(and_(
+        version.c.instance_fk == inst_id, version.c.digest == item.digest))).first()
+    if known is not None:
+        # Byte-identical content (after group 0002): idempotent
+        outcome = (StoreOutcome.QUARANTINED if known.state == VersionState.QUARANTINED
+                   else StoreOutcome.ALREADY_STORED)
+        return StoreResult(outcome, k["sop_uid"], k["study_uid"], int(known.id), item.new_bytes,
+                           "identical content already received")
+    cur = conn.execute(select(version.c.id, version.c.institution)
+                       .where(version.c.id == row.current_version_fk)).first()
+    if cur is not None and cur.institution != item.source.institution:
+        vid = conn.execute(version.insert().values(
+            _version_values(item, inst_id, VersionState.QUARANTINED, at))).inserted_primary_key[0]
+        _log_change(conn, "instance_quarantined", k, int(vid), at)
+        return StoreResult(
+            StoreOutcome.QUARANTINED, k["sop_uid"], k["study_uid"], int(vid), item.new_bytes,
+            f"SOP Instance UID already held with other content from another institution; "
+            f"kept in quarantine as version {vid}, the current version is unchanged")
+    vid = int(conn.execute(version.insert().values(
+        _version_values(item, inst_id, VersionState.CURRENT, at))).inserted_primary_key[0])
+    if cur is not None:
+        conn.execute(update(version).where(version.c.id == cur.id)
+                     .values(state=VersionState.SUPERSEDED.value))
+    _make_current(conn, inst_id, vid, k, at, cache)
+    _log_change(conn, "instance_replaced", k, vid, at)
+    return StoreResult(StoreOutcome.CORRECTED, k["sop_uid"], k["study_uid"], vid, item.new_bytes,
+                       f"correction: version {vid} is now current")
+
+
+def _record_new(conn: Connection, item: IngestItem, at: str, cache: Cache) -> StoreResult:
+    k = item.keys
+    study_id, series_id, _study_new, series_new = _attach(conn, k, at, cache)
+    res = conn.execute(_insert(conn, instance).values(
+        sop_uid=k["sop_uid"], series_fk=series_id, sop_class_uid=k["sop_class_uid"],
+        instance_number=k["instance_number"], num_frames=k["num_frames"],
+    ).on_conflict_do_nothing())
+    if not res.rowcount:
+        # another process inserted it between our read and write: decide again
+        return _record(conn, item, cache)
+    inst_id = int(res.inserted_primary_key[0])
+    vid = int(conn.execute(version.insert().values(
+        _version_values(item, inst_id, VersionState.CURRENT, at))).inserted_primary_key[0])
+    conn.execute(update(instance).where(instance.c.id == inst_id).values(current_version_fk=vid))
+    conn.execute(update(series).where(series.c.id == series_id)
+                 .values(num_instances=series.c.num_instances + 1))
+    conn.execute(update(study).where(study.c.id == study_id)
+                 .values(num_instances=study.c.num_instances + 1, updated_at=at))
+    if series_new:
+        _refresh_study(conn, study_id)
+    _log_change(conn, "instance_created", k, vid, at)
+    return StoreResult(StoreOutcome.STORED, k["sop_uid"], k["study_uid"], vid, item.new_bytes)
+
+
+def _make_current(conn: Connection, inst_id: int, vid: int, k: dict[str, Any], at: str,
+                  cache: Cache) -> None:
+    """Point the instance at version *vid* and re-index it from that version's keys."""
+    old = conn.execute(select(instance.c.series_fk, series.c.study_fk).join(
+        series, series.c.id == instance.c.series_fk).where(instance.c.id == inst_id)).one()
+    study_id, series_id, _sn, _sen = _attach(conn, k, at, cache)
+    conn.execute(update(instance).where(instance.c.id == inst_id).values(
+        current_version_fk=vid, series_fk=series_id, sop_class_uid=k["sop_class_uid"],
+        instance_number=k["instance_number"], num_frames=k["num_frames"]))
+    if series_id != old.series_fk:
+        conn.execute(update(series).where(series.c.id == old.series_fk)
+                     .values(num_instances=series.c.num_instances - 1))
+        conn.execute(update(series).where(series.c.id == series_id)
+                     .values(num_instances=series.c.num_instances + 1))
+        if study_id != old.study_fk:
+            conn.execute(update(study).where(study.c.id == old.study_fk)
+                         .values(num_instances=study.c.num_instances - 1))
+            conn.execute(update(study).where(study.c.id == study_id)
+                         .values(num_instances=study.c.num_instances + 1))
+        for sid in {study_id, int(old.study_fk)}:
+            _refresh_study(conn, sid)
+    conn.execute(update(study).where(study.c.id == study_id).values(updated_at=at))
+
+
+def _load_version(conn: Connection, version_id: int) -> Any:
+    row = conn.execute(select(version, instance.c.sop_uid, instance.c.current_version_fk).join(
+        instance, instance.c.id == version.c.instance_fk).where(version.c.id == version_id)).first()
+    if row is None:
+        raise NotFound(f"no version {version_id}")
+    return row
+
+
+def _info(conn: Connection, version_id: int) -> VersionInfo:
+    return _version_info(conn.execute(
+        _version_info_query().where(version.c.id == version_id)).one())
+
+
+def _promote(conn: Connection, version_id: int, cache: Cache) -> VersionInfo:
+    import json
+
+    from anim.dicomfile import index_keys_from_json
+
+    row = _load_version(conn, version_id)
+    if row.state != VersionState.QUARANTINED:
+        raise NotFound(f"version {version_id} is {row.state}, not quarantined")
+    at = now()
+    conn.execute(update(version).where(version.c.id == row.current_version_fk)
+                 .values(state=VersionState.SUPERSEDED.value))
+    conn.execute(update(version).where(version.c.id == version_id)
+                 .values(state=VersionState.CURRENT.value))
+    k = index_keys_from_json(json.loads(row.dicom_json))
+    _make_current(conn, int(row.instance_fk), version_id, k, at, cache)
+    _log_change(conn, "instance_replaced", k, version_id, at)
+    return _info(conn, version_id)
+
+
+def _reject(conn: Connection, version_id: int) -> VersionInfo:
+    row = _load_version(conn, version_id)
+    if row.state != VersionState.QUARANTINED:
+        raise NotFound(f"version {version_id} is {row.state}, not quarantined")
+    conn.execute(update(version).where(version.c.id == version_id)
+                 .values(state=VersionState.REJECTED.value))
+    return _info(conn, version_id)

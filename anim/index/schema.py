@@ -1,0 +1,129 @@
+"""The index schema (SQLAlchemy Core), portable across SQLite and PostgreSQL.
+
+Patient (PatientID + IssuerOfPatientID) → Study → Series → Instance → Version.
+An instance has one *current* version; corrections leave *superseded* versions and
+conflicts *quarantined* ones. The blobs of a version are named by their SHA-256.
+``change`` is the monotonic change sequence.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# BigInteger ids on PostgreSQL, INTEGER PRIMARY KEY (rowid alias) on SQLite
+_Id = BigInteger().with_variant(Integer(), "sqlite")
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", String(32), nullable=False),
+)
+
+patient = Table(
+    "patient",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("patient_id", String(64), nullable=False),  # '' when absent
+    Column("issuer", String(64), nullable=False),  # IssuerOfPatientID, '' when absent
+    Column("patient_name", String(324), nullable=False, default=""),
+    Column("patient_name_norm", String(324), nullable=False, default=""),  # upper case
+    Column("birth_date", String(8), nullable=False, default=""),
+    Column("sex", String(16), nullable=False, default=""),
+    Column("num_studies", Integer, nullable=False, default=0),
+    UniqueConstraint("patient_id", "issuer", name="uq_patient_key"),
+    Index("ix_patient_name_norm", "patient_name_norm"),
+)
+
+study = Table(
+    "study",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("study_uid", String(64), nullable=False, unique=True),
+    Column("patient_fk", _Id, ForeignKey("patient.id"), nullable=False, index=True),
+    Column("study_date", String(8), nullable=False, default="", index=True),
+    Column("study_time", String(16), nullable=False, default=""),
+    Column("accession_number", String(64), nullable=False, default="", index=True),
+    Column("study_id", String(16), nullable=False, default=""),
+    Column("description", String(64), nullable=False, default=""),
+    Column("referring_physician", String(324), nullable=False, default=""),
+    Column("modalities", String(256), nullable=False, default=""),  # '\\'-joined, sorted
+    Column("num_series", Integer, nullable=False, default=0),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("updated_at", String(32), nullable=False, default=""),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("series_uid", String(64), nullable=False, unique=True),
+    Column("study_fk", _Id, ForeignKey("study.id"), nullable=False, index=True),
+    Column("modality", String(16), nullable=False, default="", index=True),
+    Column("series_number", Integer, nullable=True),
+    Column("description", String(64), nullable=False, default=""),
+    Column("body_part", String(64), nullable=False, default=""),
+    Column("series_date", String(8), nullable=False, default=""),
+    Column("num_instances", Integer, nullable=False, default=0),
+)
+
+instance = Table(
+    "instance",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("sop_uid", String(64), nullable=False, unique=True),
+    Column("series_fk", _Id, ForeignKey("series.id"), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("instance_number", Integer, nullable=True),
+    Column("num_frames", Integer, nullable=True),
+    Column("current_version_fk", _Id, nullable=True),
+)
+
+version = Table(
+    "version",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("instance_fk", _Id, ForeignKey("instance.id"), nullable=False),
+    Column("state", String(16), nullable=False),  # models.VersionState
+    Column("digest", String(64), nullable=False),  # SHA-256 of the data set (content)
+    Column("header_key", String(64), nullable=False, index=True),
+    Column("pixel_key", String(64), nullable=True, index=True),
+    Column("trailer_key", String(64), nullable=True),
+    Column("prefix", LargeBinary, nullable=False),  # preamble + file meta as received
+    Column("transfer_syntax", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("dicom_json", Text, nullable=False),  # PS3.18 F.2, bulk data as BulkDataURI
+    Column("institution", String(64), nullable=False),
+    Column("source_ae", String(16), nullable=False, default=""),
+    Column("source_host", String(64), nullable=False, default=""),
+    Column("protocol", String(16), nullable=False),
+    Column("received_at", String(32), nullable=False),
+    Index("ix_version_instance_digest", "instance_fk", "digest"),
+    Index("ix_version_state", "state"),
+)
+
+change = Table(
+    "change",
+    metadata,
+    Column("seq", _Id, primary_key=True, autoincrement=True),
+    Column("at", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False, default=""),
+    Column("sop_uid", String(64), nullable=False, default=""),
+    Column("version_fk", _Id, nullable=True),
+)

@@ -1,0 +1,1 @@
+"""DIMSE edge of the archive (pynetdicom)."""

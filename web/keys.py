@@ -1,0 +1,24 @@
+"""Typed application keys and the bridge to the synchronous archive."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from anim import Archive, WebConfig
+
+T = TypeVar("T")
+
+archive_key = web.AppKey("archive", Archive)
+config_key = web.AppKey("config", WebConfig)
+executor_key = web.AppKey("executor", ThreadPoolExecutor)
+
+
+async def run_sync(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking archive call on the bounded executor, never on the loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app[executor_key], fn, *args)
