@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from anim.errors import InvalidInstance
@@ -200,11 +201,8 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
         return ""
     if v is None:
         return ""
-    if isinstance(v, list | tuple) or (hasattr(v, "__iter__") and not isinstance(v, str)):
-        try:
-            v = "\\".join(str(x) for x in v)
-        except TypeError:
-            v = str(v)
+    if isinstance(v, MultiValue | list | tuple):
+        v = "\\".join(str(x) for x in v)
     return str(v).strip()[:limit]
 
 

@@ -29,6 +29,18 @@ class ImportSummary:
     new_bytes: int = 0
     seconds: float = 0.0
 
+    def add(self, path: Path, what: str, reason: str, size: int, new: int) -> None:
+        self.bytes_read += size
+        self.new_bytes += new
+        if what == "not_dicom":
+            self.not_dicom.append(str(path))
+        elif what == "rejected":
+            self.rejected[reason] += 1
+        elif what == "failed":
+            self.failed.append(f"{path}: {reason}")
+        else:
+            self.outcomes[what] += 1
+
     @property
     def ok(self) -> bool:
         return not self.failed
@@ -98,16 +110,7 @@ def import_paths(archive: Archive, paths: list[Path], institution: str = "import
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for n, (path, what, reason, size, new) in enumerate(
                 pool.map(one, iter_files(paths)), start=1):
-            summary.bytes_read += size
-            summary.new_bytes += new
-            if what == "not_dicom":
-                summary.not_dicom.append(str(path))
-            elif what == "rejected":
-                summary.rejected[reason] += 1
-            elif what == "failed":
-                summary.failed.append(f"{path}: {reason}")
-            else:
-                summary.outcomes[what] += 1
+            summary.add(path, what, reason, size, new)
             now = time.monotonic()
             if show and now - last > 0.25:
                 last = now

@@ -75,7 +75,8 @@ class AnimServer:
         ready = threading.Event()
 
         def pump() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
+            assert self.proc is not None
+            assert self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.lines.append(line.rstrip("\n"))
                 m = READY.search(line)
@@ -157,8 +158,8 @@ def storescu(port: int, *paths: Path | str, aet: str = "ANIM", calling: str = "S
     """Run DCMTK storescu (+sd +r: scan folders recursively) against the archive."""
     exe = dcmtk("storescu")
     env = {**os.environ, "TCP_NODELAY": "1"}
-    cmd = [exe, "-aet", calling, "-aec", aet, "+sd", "+r", "+sp", "*.dcm", *extra, "127.0.0.1", str(port),
-           *map(str, paths)]
+    cmd = [exe, "-aet", calling, "-aec", aet, "+sd", "+r", "+sp", "*.dcm", *extra,
+           "127.0.0.1", str(port), *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from tests.conftest import AnimServer, echoscu, open_archive, sample_files, storescu, SAMPLES
+from tests.conftest import SAMPLES, AnimServer, echoscu, open_archive, sample_files, storescu
 
 
 def test_echoscu_succeeds(serve: AnimServer) -> None:
