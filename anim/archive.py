@@ -6,11 +6,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
 from anim import dicomfile, dicomjson
 from anim.config import Config
+from anim.errors import SOPClassMismatch
 from anim.index.engine import make_engine
 from anim.index.migrations import migrate
 from anim.index.repo import Index, IngestItem
@@ -29,6 +31,10 @@ class Archive:
         self.cfg = cfg
         self.blobs = blobs
         self.index = index
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="anim-blob")
+
+    def _put(self, piece: memoryview) -> tuple[str, int]:
+        return self.blobs.put(piece, hashlib.sha256(piece).hexdigest())
 
     @classmethod
     def open(cls, cfg: Config) -> Archive:
@@ -40,6 +46,7 @@ class Archive:
         return cls(cfg, blobs, Index(engine, cfg.index.batch_max))
 
     def close(self) -> None:
+        self._io.shutdown(wait=True)
         self.index.close()
 
     def __enter__(self) -> Archive:
@@ -71,29 +78,25 @@ class Archive:
         t0 = time.perf_counter()
         p = dicomfile.parse(data)
         if expect_sop_class is not None and p.sop_class_uid != expect_sop_class:
-            from anim.errors import SOPClassMismatch
-
             raise SOPClassMismatch(
                 f"SOP Class UID in the data set ({p.sop_class_uid}) differs from the one "
                 f"the object was sent as ({expect_sop_class})")
-        digest = hashlib.sha256()
-        new_bytes = 0
-        keys: list[str | None] = []
-        for piece in (p.header, p.pixels, p.trailer):
-            if piece is None:
-                keys.append(None)
-                continue
-            key = hashlib.sha256(piece).hexdigest()
-            digest.update(key.encode())
-            _, n = self.blobs.put(piece, key)
-            new_bytes += n
-            keys.append(key)
+        # Blob hashing and fsync release the GIL: write the pieces on the I/O pool
+        # while this thread computes the metadata, then wait for both.
+        pieces = [piece for piece in (p.header, p.pixels, p.trailer) if piece is not None]
+        puts = [self._io.submit(self._put, piece) for piece in pieces]
         # JSON first: it converts every element once, so the index keys read cached values
         dicom_json = dicomjson.instance_json(p)
+        keys = dicomfile.index_keys(p.dataset)
+        written = [f.result() for f in puts]
+        digest = hashlib.sha256("".join(k for k, _ in written).encode()).hexdigest()
+        blob_keys: list[str | None] = [k for k, _ in written]
+        blob_keys += [None] * (3 - len(blob_keys))
+        new_bytes = sum(n for _, n in written)
         item = IngestItem(
-            keys=dicomfile.index_keys(p.dataset), digest=digest.hexdigest(),
-            header_key=keys[0] or "", pixel_key=keys[1], trailer_key=keys[2], prefix=p.prefix,
-            transfer_syntax=p.transfer_syntax, size=len(data),
+            keys=keys, digest=digest,
+            header_key=blob_keys[0] or "", pixel_key=blob_keys[1], trailer_key=blob_keys[2],
+            prefix=p.prefix, transfer_syntax=p.transfer_syntax, size=len(data),
             dicom_json=dicom_json, source=source, new_bytes=new_bytes,
         )
         result = self.index.record(item)
