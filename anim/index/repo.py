@@ -103,27 +103,36 @@ class GroupCommitter:
                 batch.append(nxt)
             self._commit(batch)
 
+    def _apply(self, conn: Connection, work: _Work) -> tuple[Any, BaseException | None]:
+        """Run one write in its own SAVEPOINT; its failure is its caller's alone."""
+        try:
+            with conn.begin_nested():
+                return work(conn, self._cache), None
+        except (AnimError, IntegrityError) as e:
+            self._cache.clear()
+            return None, e
+        except OperationalError:
+            raise  # the connection or database is in trouble: the whole batch fails
+        except Exception as e:
+            self._cache.clear()
+            log.exception("index: unexpected error in a write")
+            return None, e
+
     def _commit(self, batch: list[tuple[_Work, Future[Any]]]) -> None:
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             conn_cm = self._engine.connect().execution_options(anim_writer=True)
             with conn_cm as conn, conn.begin():
                 for work, fut in batch:
-                    try:
-                        with conn.begin_nested():
-                            results.append((fut, work(conn, self._cache), None))
-                    except (AnimError, IntegrityError) as e:
-                        self._cache.clear()
-                        results.append((fut, None, e))
-                    except OperationalError:
-                        raise
-                    except Exception as e:
-                        self._cache.clear()
-                        log.exception("index: unexpected error in a write")
-                        results.append((fut, None, e))
-        except (DBAPIError, OSError) as e:
+                    results.append((fut, *self._apply(conn, work)))
+        except Exception as e:
+            # The writer thread must survive anything: a dead writer would hang every
+            # association waiting on it. The whole batch failed; say so to each caller.
             self._cache.clear()
-            log.error("index: commit of %d writes failed: %s", len(batch), e)
+            if isinstance(e, DBAPIError | OSError):
+                log.error("index: commit of %d writes failed: %s", len(batch), e)
+            else:
+                log.exception("index: commit of %d writes failed", len(batch))
             err = StorageUnavailable(f"index write failed: {type(e).__name__}")
             for _work, fut in batch:
                 fut.set_exception(err)
