@@ -141,8 +141,26 @@ def parse(data: bytes) -> ParsedObject:
     return from_dataset(ds, data, ds_start, pos, ts)
 
 
+def _check_lengths(ds: Dataset) -> None:
+    """Refuse an element whose value is shorter than its declared length.
+
+    pydicom reads a cut-off value at the end of the data without complaint; an
+    archive must not keep such an object as if it were whole.
+    """
+    for tag in ds.keys():  # noqa: SIM118 - iterating ds itself would convert values
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if (isinstance(value, bytes) and isinstance(length, int) and length != _UNDEFINED
+                and len(value) < length):
+            raise InvalidInstance(
+                f"truncated object: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares "
+                f"{length} bytes, {len(value)} received")
+
+
 def from_dataset(ds: Dataset, data: bytes, ds_start: int, pos: int, ts: str) -> ParsedObject:
     """Finish :func:`parse` once pydicom has read the header up to *pos*."""
+    _check_lengths(ds)
     _require_uids(ds)
     implicit, little = _encoding(ds, ts)
     if not ts:
