@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -119,29 +121,53 @@ class GroupCommitter:
             return None, e
 
     def _commit(self, batch: list[tuple[_Work, Future[Any]]]) -> None:
-        results: list[tuple[Future[Any], Any, BaseException | None]] = []
-        try:
-            conn_cm = self._engine.connect().execution_options(anim_writer=True)
-            with conn_cm as conn, conn.begin():
-                for work, fut in batch:
-                    results.append((fut, *self._apply(conn, work)))
-        except Exception as e:
-            # The writer thread must survive anything: a dead writer would hang every
-            # association waiting on it. The whole batch failed; say so to each caller.
-            self._cache.clear()
-            if isinstance(e, DBAPIError | OSError):
-                log.error("index: commit of %d writes failed: %s", len(batch), e)
-            else:
-                log.exception("index: commit of %d writes failed", len(batch))
-            err = StorageUnavailable(f"index write failed: {type(e).__name__}")
-            for _work, fut in batch:
-                fut.set_exception(err)
-            return
-        for fut, value, err in results:
+        for attempt in range(_RETRIES):
+            try:
+                results = self._transaction(batch)
+                break
+            except Exception as e:
+                # The writer thread must survive anything: a dead writer would hang every
+                # association waiting on it.
+                self._cache.clear()
+                if _retryable(e) and attempt + 1 < _RETRIES:
+                    # deadlock, serialization failure or a locked SQLite file: another
+                    # writer (another node) got in the way; back off with jitter, retry
+                    log.info("index: batch of %d retried after %s", len(batch), type(e).__name__)
+                    time.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+                    continue
+                if isinstance(e, DBAPIError | OSError):
+                    log.error("index: commit of %d writes failed: %s", len(batch), e)
+                else:
+                    log.exception("index: commit of %d writes failed", len(batch))
+                err = StorageUnavailable(f"index write failed: {type(e).__name__}")
+                for _work, fut in batch:
+                    fut.set_exception(err)
+                return
+        for fut, (value, err) in zip((f for _w, f in batch), results, strict=True):
             if err is None:
                 fut.set_result(value)
             else:
                 fut.set_exception(err)
+
+    def _transaction(self, batch: list[tuple[_Work, Future[Any]]]
+                     ) -> list[tuple[Any, BaseException | None]]:
+        conn_cm = self._engine.connect().execution_options(anim_writer=True)
+        with conn_cm as conn, conn.begin():
+            return [self._apply(conn, work) for work, _fut in batch]
+
+
+_RETRIES = 6
+_RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
+def _retryable(e: BaseException) -> bool:
+    if not isinstance(e, DBAPIError):
+        return False
+    orig = e.orig
+    if getattr(orig, "sqlstate", None) in _RETRY_SQLSTATES:
+        return True
+    msg = str(orig).lower()
+    return "database is locked" in msg or "database is busy" in msg
 
 
 def _insert(conn: Connection, table: Any) -> Any:
@@ -295,10 +321,12 @@ def _get_or_create(conn: Connection, table: Any, key: dict[str, Any],
         if values:
             conn.execute(update(table).where(table.c.id == row.id).values(**values))
         return int(row.id), False
-    stmt = _insert(conn, table).values(**key, **values).on_conflict_do_nothing()
-    res = conn.execute(stmt)
-    if res.rowcount:
-        return int(res.inserted_primary_key[0]), True
+    # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
+    stmt = _insert(conn, table).values(**key, **values).on_conflict_do_nothing().returning(
+        table.c.id)
+    new_id = conn.execute(stmt).scalar_one_or_none()
+    if new_id is not None:
+        return int(new_id), True
     row = conn.execute(select(table.c.id).where(cond)).first()
     if row is None:  # cannot happen: ON CONFLICT means the row exists
         raise StorageUnavailable(f"index: {table.name} row vanished during upsert")
@@ -363,7 +391,7 @@ def _version_values(item: IngestItem, instance_id: int, state: VersionState,
         "header_key": item.header_key, "pixel_key": item.pixel_key,
         "trailer_key": item.trailer_key, "prefix": item.prefix,
         "transfer_syntax": item.transfer_syntax, "size": item.size,
-        "dicom_json": item.dicom_json, "institution": item.source.institution,
+        "dicom_json": item.dicom_json, "institution": item.source.institution[:64],
         "source_ae": item.source.ae_title[:16], "source_host": item.source.host[:64],
         "protocol": item.source.protocol, "received_at": at,
     }
@@ -393,7 +421,7 @@ def _record(conn: Connection, item: IngestItem, cache: Cache) -> StoreResult:
                            "identical content already received")
     cur = conn.execute(select(version.c.id, version.c.institution)
                        .where(version.c.id == row.current_version_fk)).first()
-    if cur is not None and cur.institution != item.source.institution:
+    if cur is not None and cur.institution != item.source.institution[:64]:
         vid = conn.execute(version.insert().values(
             _version_values(item, inst_id, VersionState.QUARANTINED, at))).inserted_primary_key[0]
         _log_change(conn, "instance_quarantined", k, int(vid), at)
@@ -415,14 +443,14 @@ def _record(conn: Connection, item: IngestItem, cache: Cache) -> StoreResult:
 def _record_new(conn: Connection, item: IngestItem, at: str, cache: Cache) -> StoreResult:
     k = item.keys
     study_id, series_id, _study_new, series_new = _attach(conn, k, at, cache)
-    res = conn.execute(_insert(conn, instance).values(
+    new_id = conn.execute(_insert(conn, instance).values(
         sop_uid=k["sop_uid"], series_fk=series_id, sop_class_uid=k["sop_class_uid"],
         instance_number=k["instance_number"], num_frames=k["num_frames"],
-    ).on_conflict_do_nothing())
-    if not res.rowcount:
+    ).on_conflict_do_nothing().returning(instance.c.id)).scalar_one_or_none()
+    if new_id is None:
         # another process inserted it between our read and write: decide again
         return _record(conn, item, cache)
-    inst_id = int(res.inserted_primary_key[0])
+    inst_id = int(new_id)
     vid = int(conn.execute(version.insert().values(
         _version_values(item, inst_id, VersionState.CURRENT, at))).inserted_primary_key[0])
     conn.execute(update(instance).where(instance.c.id == inst_id).values(current_version_fk=vid))
