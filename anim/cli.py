@@ -31,6 +31,11 @@ def _setup_logging(level: str, debug: bool) -> None:
     )
     # pynetdicom logs identifiers (patient data) at INFO: keep it at WARNING unless -d
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # pydicom's validation warnings may quote element values (a birth date, a name):
+    # route warnings through logging and keep them out of anything above DEBUG.
+    logging.captureWarnings(True)
+    for name in ("py.warnings", "pydicom"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

@@ -204,6 +204,8 @@ def _require_uids(ds: Dataset) -> None:
         for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
         if not str(ds.get(k, "") or "").strip()
     ]
+    if len(missing) == 4:
+        raise InvalidInstance("not a DICOM data set: no SOP, Study or Series UID")
     if missing:
         raise InvalidInstance(f"required attribute(s) missing or empty: {', '.join(missing)}")
     for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
