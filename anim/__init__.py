@@ -10,11 +10,14 @@ from anim.errors import (
     AnimError,
     ConfigError,
     InvalidInstance,
+    InvalidQuery,
+    NotAcceptable,
     NotFound,
     SOPClassMismatch,
     StorageUnavailable,
 )
 from anim.models import Source, StoredInstance, StoreOutcome, StoreResult, VersionInfo, VersionState
+from anim.query import Level, Query
 
 __version__ = "0.1.0"
 
@@ -25,8 +28,12 @@ __all__ = [
     "ConfigError",
     "DimseConfig",
     "InvalidInstance",
+    "InvalidQuery",
     "KnownAE",
+    "Level",
+    "NotAcceptable",
     "NotFound",
+    "Query",
     "SOPClassMismatch",
     "Source",
     "StorageUnavailable",

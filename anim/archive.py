@@ -5,18 +5,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from anim import dicomfile, dicomjson
+from pydicom.dataset import Dataset
+
+from anim import dicomfile, dicomjson, transcode
 from anim.config import Config
-from anim.errors import SOPClassMismatch
+from anim.errors import NotAcceptable, SOPClassMismatch
+from anim.index import search
 from anim.index.engine import make_engine
 from anim.index.migrations import migrate
 from anim.index.repo import Index, IngestItem
 from anim.models import Source, StoredInstance, StoreResult, VersionInfo, VersionState
+from anim.query import Level, Query
 from anim.storage import BlobStore, FileBlobStore
 
 log = logging.getLogger(__name__)
@@ -121,6 +126,41 @@ class Archive:
 
     def read_bytes(self, sop_uid: str, version_id: int | None = None) -> bytes:
         return b"".join(self.iter_bytes(self.locate(sop_uid, version_id)))
+
+    # ---- query and retrieve -------------------------------------------------------
+
+    def find(self, query: Query) -> Iterator[dict[str, Any]]:
+        """Stream the matches of *query* as DICOM JSON objects (PS3.18 F.2).
+
+        The database connection stays open while the caller iterates; close the
+        generator (or exhaust it) to release it.
+        """
+        with self.index.engine.connect() as conn:
+            yield from search.run(conn, query)
+
+    def select(self, query: Query) -> list[StoredInstance]:
+        """The current versions of the instances a retrieve identifier selects."""
+        q = Query(level=Level.IMAGE, match=dict(query.match), return_keys=("SOPInstanceUID",))
+        uids = [r["00080018"]["Value"][0] for r in self.find(q)]
+        return [self.locate(uid) for uid in uids]
+
+    def dataset_for(self, inst: StoredInstance, accepted: Collection[str]) -> Dataset:
+        """The instance as a Dataset in a transfer syntax among *accepted*.
+
+        Raises
+        ------
+        NotAcceptable
+            No accepted syntax is the stored one or an uncompressed one, or the pixel
+            data cannot be decoded.
+        """
+        target = transcode.choose(inst.transfer_syntax, accepted)
+        if target is None:
+            raise NotAcceptable(
+                f"the peer accepts neither {inst.transfer_syntax} nor an uncompressed syntax")
+        ds = transcode.read(b"".join(self.iter_bytes(inst)), inst.transfer_syntax)
+        if target != inst.transfer_syntax:
+            ds = transcode.to_uncompressed(ds, target)
+        return ds
 
     # ---- administration -----------------------------------------------------------
 

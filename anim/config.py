@@ -29,6 +29,7 @@ class KnownAE:
     port: int = 104
     institution: str = ""
     permissions: frozenset[str] = frozenset(PERMISSIONS)
+    destinations: frozenset[str] = frozenset()  # C-MOVE targets it may use; empty = any known
 
     @property
     def institution_name(self) -> str:
@@ -137,7 +138,7 @@ def parse_known_ae(spec: str) -> KnownAE:
 
 
 def _known_ae_from_table(title: str, table: Mapping[str, Any]) -> KnownAE:
-    unknown = set(table) - {"host", "port", "institution", "permissions"}
+    unknown = set(table) - {"host", "port", "institution", "permissions", "destinations"}
     if unknown:
         raise ConfigError(f"[dimse.known_aes.{title}]: unknown keys {sorted(unknown)}")
     perms = table.get("permissions", list(PERMISSIONS))
@@ -145,12 +146,17 @@ def _known_ae_from_table(title: str, table: Mapping[str, Any]) -> KnownAE:
         raise ConfigError(
             f"[dimse.known_aes.{title}].permissions: expected a list of {list(PERMISSIONS)}"
         )
+    dests = table.get("destinations", [])
+    if not isinstance(dests, list) or not all(isinstance(d, str) for d in dests):
+        raise ConfigError(f"[dimse.known_aes.{title}].destinations: expected a list of AE titles")
     return KnownAE(
         title=_check_aet(title, "[dimse.known_aes]"),
         host=str(table.get("host", "")),
         port=_check_port(table.get("port", 104), f"[dimse.known_aes.{title}]"),
         institution=str(table.get("institution", "")),
         permissions=frozenset(perms),
+        destinations=frozenset(_check_aet(d, f"[dimse.known_aes.{title}].destinations")
+                               for d in dests),
     )
 
 

@@ -6,7 +6,9 @@
     ├── ConfigError          bad or unknown setting (startup only)
     ├── InvalidInstance      not DICOM / required UID missing / undecodable header
     │   └── SOPClassMismatch data set's SOP Class differs from the one negotiated
+    ├── InvalidQuery         bad level, key or matching value (PS3.4 C.2.2.2)
     ├── NotFound             no such study / series / instance / version
+    ├── NotAcceptable        a transfer syntax or media type that cannot be produced
     └── StorageUnavailable   disk full or unwritable, index unreachable or locked
 """
 
@@ -27,6 +29,14 @@ class InvalidInstance(AnimError):
 
 class SOPClassMismatch(InvalidInstance):
     """The data set does not match the SOP Class it was sent as (PS3.4 B.2.3, 0xA900)."""
+
+
+class InvalidQuery(AnimError):
+    """A query the archive cannot run as asked: the reason says what to change."""
+
+
+class NotAcceptable(AnimError):
+    """The object cannot be produced in any of the requested forms."""
 
 
 class NotFound(AnimError):

@@ -4,24 +4,48 @@ from __future__ import annotations
 
 import logging
 
-from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, QueryRetrievePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from anim import Archive, DimseConfig
-from scp import handlers
+from scp import handlers, qr
 
 log = logging.getLogger(__name__)
 
 
+_UNCOMPRESSED_ORDER = [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                       ExplicitVRBigEndian, ImplicitVRLittleEndian]
+
+
+def _preference(ts: UID) -> int:
+    return _UNCOMPRESSED_ORDER.index(ts) + 1 if ts in _UNCOMPRESSED_ORDER else 0
+
+
 def build_ae(cfg: DimseConfig) -> AE:
     ae = AE(ae_title=cfg.aet)
-    # Accepted as sent: no transcoding on ingest, so every transfer syntax pydicom knows
-    syntaxes = list(AllTransferSyntaxes)
+    # Accepted as sent: no transcoding on ingest, so every transfer syntax pydicom knows.
+    # pynetdicom accepts the first of *our* syntaxes that the peer proposed, so the
+    # order matters: a compressed syntax is only proposed for data already in it, and
+    # Explicit VR Little Endian beats Implicit (whose VRs are lost).
+    syntaxes = sorted(AllTransferSyntaxes, key=_preference)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        # the roles let a C-GET requestor act as Storage SCP on its own association
+        # (SCP/SCU Role Selection, PS3.7 D.3.3.4)
+        ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
     ae.add_supported_context(Verification)
+    # Patient Root and Study Root, FIND/MOVE/GET (PS3.4 C.6.1, C.6.2)
+    for cx in QueryRetrievePresentationContexts:
+        if cx.abstract_syntax.name.startswith(("Patient Root", "Study Root")):
+            ae.add_supported_context(cx.abstract_syntax)
     ae.maximum_pdu_size = cfg.max_pdu
     ae.maximum_associations = cfg.max_associations
     ae.network_timeout = cfg.network_timeout
@@ -41,6 +65,9 @@ def start(archive: Archive, cfg: DimseConfig) -> ThreadedAssociationServer:
         (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [archive, cfg]),
+        (evt.EVT_C_FIND, qr.handle_find, [archive, cfg]),
+        (evt.EVT_C_MOVE, qr.handle_move, [archive, cfg]),
+        (evt.EVT_C_GET, qr.handle_get, [archive, cfg]),
     ]
     server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=evt_handlers)
     host, port = server.server_address[:2]

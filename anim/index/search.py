@@ -1,0 +1,257 @@
+"""Query → SQL: PS3.4 C.2.2.2 matching over the index, results as DICOM JSON.
+
+Matching rules, by VR of the key:
+
+- universal (empty value, or ``*``): no condition; the key is returned (C.2.2.2.3)
+- UI: single value or a backslash-separated list of UIDs (C.2.2.2.2)
+- DA, TM, DT: single value or a range ``A-B``, ``A-``, ``-B``, inclusive (C.2.2.2.5)
+- PN: case-insensitive (C.2.2.2.1 lets the SCP ignore case); a value without ``^`` and
+  without wildcards also matches the family name component, as a reader expects
+- anything else: single value, ``*``/``?`` wildcards (C.2.2.2.4), or a backslash list
+  of values (any of them), case-sensitive
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    and_,
+    func,
+    literal,
+    or_,
+    select,
+)
+
+from anim.errors import InvalidQuery
+from anim.index.schema import instance, patient, series, study, version
+from anim.query import INDEXED, Level, Query, vr_of
+
+_ESC = "!"
+
+
+def _like(value: str) -> str:
+    v = value.replace(_ESC, _ESC * 2).replace("%", _ESC + "%").replace("_", _ESC + "_")
+    return v.replace("*", "%").replace("?", "_")
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+# Columns of the index, by keyword
+_COLUMNS: dict[str, Any] = {
+    "PatientName": patient.c.patient_name,
+    "PatientID": patient.c.patient_id,
+    "IssuerOfPatientID": patient.c.issuer,
+    "PatientBirthDate": patient.c.birth_date,
+    "PatientSex": patient.c.sex,
+    "StudyInstanceUID": study.c.study_uid,
+    "StudyDate": study.c.study_date,
+    "StudyTime": study.c.study_time,
+    "AccessionNumber": study.c.accession_number,
+    "StudyID": study.c.study_id,
+    "StudyDescription": study.c.description,
+    "ReferringPhysicianName": study.c.referring_physician,
+    "ModalitiesInStudy": study.c.modalities,
+    "NumberOfStudyRelatedSeries": study.c.num_series,
+    "NumberOfStudyRelatedInstances": study.c.num_instances,
+    "SeriesInstanceUID": series.c.series_uid,
+    "Modality": series.c.modality,
+    "SeriesNumber": series.c.series_number,
+    "SeriesDescription": series.c.description,
+    "BodyPartExamined": series.c.body_part,
+    "SeriesDate": series.c.series_date,
+    "NumberOfSeriesRelatedInstances": series.c.num_instances,
+    "SOPInstanceUID": instance.c.sop_uid,
+    "SOPClassUID": instance.c.sop_class_uid,
+    "InstanceNumber": instance.c.instance_number,
+    "NumberOfFrames": instance.c.num_frames,
+}
+
+_PATIENT_COUNTS = {
+    "NumberOfPatientRelatedStudies": func.count(study.c.id),
+    "NumberOfPatientRelatedSeries": func.coalesce(func.sum(study.c.num_series), 0),
+    "NumberOfPatientRelatedInstances": func.coalesce(func.sum(study.c.num_instances), 0),
+}
+
+_ID = {Level.PATIENT: patient.c.id, Level.STUDY: study.c.id, Level.SERIES: series.c.id,
+       Level.IMAGE: instance.c.id}
+
+
+def _patient_count(kw: str) -> Any:
+    return (select(_PATIENT_COUNTS[kw]).where(study.c.patient_fk == patient.c.id)
+            .scalar_subquery())
+
+
+def _column(kw: str) -> Any:
+    if kw in _PATIENT_COUNTS:
+        return _patient_count(kw)
+    return _COLUMNS[kw]
+
+
+def _range(col: Any, vr: str, value: str) -> ColumnElement[bool]:
+    lo, _, hi = value.partition("-")
+    lo, hi = lo.strip(), hi.strip()
+    if not lo and not hi:
+        raise InvalidQuery(f"empty range {value!r}")
+    conds = []
+    if lo:
+        conds.append(col >= lo)
+    if hi:
+        # an upper bound names a whole period: 0930 includes 09:30:59.999999
+        if vr == "TM" and len(hi) in (2, 4, 6):
+            hi += "5959.999999"[len(hi) - 2:]
+        conds.append(col <= hi)
+    return and_(*conds)
+
+
+def _check_format(kw: str, vr: str, value: str) -> None:
+    if vr == "DA":
+        for part in value.split("-"):
+            if part and (len(part) != 8 or not part.isdigit()):
+                raise InvalidQuery(f"{kw}: {value!r} is not a date or date range (YYYYMMDD)")
+    if vr == "TM":
+        for part in value.split("-"):
+            if part and not part.replace(".", "").isdigit():
+                raise InvalidQuery(f"{kw}: {value!r} is not a time or time range (HHMMSS)")
+
+
+def condition(kw: str, value: str) -> ColumnElement[bool]:
+    """The SQL condition for one matching key (PS3.4 C.2.2.2)."""
+    vr = vr_of(kw)
+    col = _column(kw)
+    if vr == "UI":
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if any(_has_wildcard(u) for u in uids):
+            raise InvalidQuery(f"{kw}: wildcards are not allowed in UIDs")
+        return col.in_(uids) if len(uids) > 1 else col == uids[0]
+    if vr in ("DA", "TM", "DT"):
+        _check_format(kw, vr, value)
+        if "-" in value:
+            return _range(col, vr, value)
+        return col == value
+    if kw == "ModalitiesInStudy":
+        # the column holds the set as 'CT\MR'; match any of the given values
+        wrapped = literal("\\") + col + literal("\\")
+        return or_(*(wrapped.like("%\\" + _like(m) + "\\%", escape=_ESC)
+                     for m in value.split("\\") if m))
+    if vr in ("IS", "US", "UL", "SL", "SS"):
+        try:
+            nums = [int(v) for v in value.split("\\")]
+        except ValueError:
+            raise InvalidQuery(f"{kw}: {value!r} is not an integer") from None
+        return col.in_(nums)
+    if vr == "PN":
+        return _pn_condition(kw, value)
+    return or_(*(col.like(_like(v), escape=_ESC) if _has_wildcard(v) else col == v
+                 for v in value.split("\\")))
+
+
+def _pn_condition(kw: str, value: str) -> ColumnElement[bool]:
+    col = patient.c.patient_name_norm if kw == "PatientName" else func.upper(_COLUMNS[kw])
+    conds = []
+    for v in value.split("\\"):
+        v = v.upper()
+        if _has_wildcard(v):
+            conds.append(col.like(_like(v), escape=_ESC))
+        elif "^" in v or "=" in v:
+            conds.append(col == v)
+        else:  # a bare family name: SMITH matches SMITH and SMITH^JOHN
+            conds.append(or_(col == v, col.like(_like(v) + "^%", escape=_ESC)))
+    return or_(*conds)
+
+
+def _from(level: Level) -> Any:
+    j = patient
+    if level.depth >= 1:
+        j = study.join(patient, patient.c.id == study.c.patient_fk)
+    if level.depth >= 2:
+        j = series.join(j, study.c.id == series.c.study_fk)
+    if level.depth >= 3:
+        j = instance.join(j, series.c.id == instance.c.series_fk)
+    return j
+
+
+def build(q: Query) -> tuple[Select[Any], list[str]]:
+    """The SELECT for *q* and the keywords its columns hold, in order."""
+    keys = [k for k in q.keys if k in INDEXED and INDEXED[k].depth <= q.level.depth
+            and k != "SOPClassesInStudy"]
+    cols = [_column(k).label(k) for k in keys]
+    stmt = select(_ID[q.level].label("_id"), *cols).select_from(_from(q.level))
+    for kw, value in q.matching.items():
+        stmt = stmt.where(condition(kw, value))
+    stmt = stmt.order_by(_ID[q.level])
+    if q.limit is not None:
+        stmt = stmt.limit(q.limit)
+    if q.offset:
+        stmt = stmt.offset(q.offset)
+    return stmt, keys
+
+
+def _json_value(vr: str, value: Any) -> dict[str, Any]:
+    if value is None or value == "":
+        return {"vr": vr}
+    if vr == "PN":
+        return {"vr": vr, "Value": [{"Alphabetic": v} for v in str(value).split("\\")]}
+    if vr in ("IS", "US", "UL", "SL", "SS"):
+        return {"vr": vr, "Value": [int(value)]}
+    if vr in ("CS", "UI", "AE") and isinstance(value, str):
+        return {"vr": vr, "Value": [v for v in value.split("\\") if v]} if value else {"vr": vr}
+    return {"vr": vr, "Value": [str(value)]}
+
+
+def _tag(kw: str) -> str:
+    return f"{tag_for_keyword(kw):08X}"
+
+
+def _representative_json(conn: Connection, level: Level, row_id: int) -> dict[str, Any]:
+    """The stored metadata of one instance of the entity, for keys the index lacks."""
+    inst = instance.join(version, version.c.id == instance.c.current_version_fk)
+    q = select(version.c.dicom_json)
+    if level is Level.IMAGE:
+        q = q.select_from(inst).where(instance.c.id == row_id)
+    elif level is Level.SERIES:
+        q = q.select_from(inst).where(instance.c.series_fk == row_id)
+    elif level is Level.STUDY:
+        q = q.select_from(inst.join(series, series.c.id == instance.c.series_fk)).where(
+            series.c.study_fk == row_id)
+    else:
+        q = q.select_from(inst.join(series, series.c.id == instance.c.series_fk).join(
+            study, study.c.id == series.c.study_fk)).where(study.c.patient_fk == row_id)
+    text = conn.execute(q.order_by(instance.c.id).limit(1)).scalar()
+    return json.loads(text) if text else {}
+
+
+def _sop_classes(conn: Connection, study_id: int) -> list[str]:
+    q = (select(instance.c.sop_class_uid).distinct()
+         .select_from(instance.join(series, series.c.id == instance.c.series_fk))
+         .where(series.c.study_fk == study_id).order_by(instance.c.sop_class_uid))
+    return list(conn.execute(q).scalars())
+
+
+def run(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
+    """Stream the matches of *q* as DICOM JSON objects, in a stable order."""
+    stmt, keys = build(q)
+    extra = [k for k in q.keys if k not in keys and k != "SOPClassesInStudy"]
+    want_sop_classes = "SOPClassesInStudy" in q.keys and q.level is Level.STUDY
+    result = conn.execution_options(stream_results=True, yield_per=200).execute(stmt)
+    for row in result:
+        out: dict[str, Any] = {}
+        m = row._mapping
+        for k in keys:
+            out[_tag(k)] = _json_value(vr_of(k), m[k])
+        if want_sop_classes:
+            out[_tag("SOPClassesInStudy")] = {"vr": "UI", "Value": _sop_classes(conn, m["_id"])}
+        if extra:
+            meta = _representative_json(conn, q.level, m["_id"])
+            for k in extra:
+                t = _tag(k)
+                out[t] = meta.get(t, {"vr": vr_of(k)})
+        yield dict(sorted(out.items()))

@@ -1,0 +1,78 @@
+"""Producing a stored instance in a transfer syntax the peer accepts.
+
+The stored transfer syntax is always preferred (the bytes go out as they came in).
+Otherwise the data set is decoded to Explicit VR Little Endian (or Implicit VR Little
+Endian) with pydicom and the pylibjpeg plugins; an object whose pixel data cannot be
+decoded raises NotAcceptable, which the edge reports as a failed sub-operation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Collection
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from anim.errors import NotAcceptable
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def choose(stored: str, accepted: Collection[str]) -> str | None:
+    """The transfer syntax to send in: the stored one when accepted, else a decoded one."""
+    if stored in accepted:
+        return stored
+    for ts in UNCOMPRESSED:
+        if ts in accepted:
+            return str(ts)
+    return None
+
+
+def read(data: bytes, stored_ts: str) -> Dataset:
+    """The stored bytes as a pydicom Dataset whose raw elements are left untouched."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(BytesIO(data), force=True)
+    if not getattr(ds, "file_meta", None):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(stored_ts)
+    return ds
+
+
+def to_uncompressed(ds: Dataset, target: str) -> Dataset:
+    """Decode *ds* in place to *target* (an uncompressed little endian syntax).
+
+    Raises
+    ------
+    NotAcceptable
+        The pixel data cannot be decoded (no plugin for its compression, corrupt data).
+    """
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    try:
+        if ts.is_compressed:
+            ds.decompress()
+        elif ts == ExplicitVRBigEndian:
+            if "PixelData" in ds:
+                arr = ds.pixel_array
+                ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+            ds.set_original_encoding(False, True, ds.original_character_set)
+        elif ts == DeflatedExplicitVRLittleEndian:
+            ds.set_original_encoding(False, True, ds.original_character_set)
+    except NotImplementedError as e:
+        raise NotAcceptable(f"cannot decode {ts.name}: {e}") from None
+    except Exception as e:  # a corrupt or unsupported stream: report, never crash
+        raise NotAcceptable(f"cannot decode {ts.name}: {type(e).__name__}: {e}") from None
+    target_uid = UID(target)
+    ds.file_meta.TransferSyntaxUID = target_uid
+    if target_uid == ImplicitVRLittleEndian:
+        ds.set_original_encoding(True, True, ds.original_character_set)
+    return ds
