@@ -23,8 +23,22 @@ def _v1_initial(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=tables)
 
 
+def _v2_pattern_indexes(conn: Connection) -> None:
+    # PostgreSQL can use a B-tree for LIKE 'ABC%' only with the pattern operator class
+    # when the database collation is not C; SQLite's own indexes serve prefixes once
+    # case_sensitive_like is on (anim.index.engine).
+    if conn.dialect.name != "postgresql":
+        return
+    for table, column in (("patient", "patient_name_norm"), ("patient", "patient_id"),
+                          ("study", "accession_number")):
+        conn.exec_driver_sql(
+            f"CREATE INDEX IF NOT EXISTS ix_{table}_{column}_pattern "
+            f"ON {table} ({column} varchar_pattern_ops)")
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
+    (2, "prefix-match indexes for PostgreSQL", _v2_pattern_indexes),
 ]
 
 LATEST = STEPS[-1][0]
