@@ -59,7 +59,8 @@ def to_uncompressed(ds: Dataset, target: str) -> Dataset:
     ts = UID(ds.file_meta.TransferSyntaxUID)
     try:
         if ts.is_compressed:
-            ds.decompress()
+            # the same instance in another transfer syntax: its SOP Instance UID stays
+            ds.decompress(generate_instance_uid=False)
         elif ts == ExplicitVRBigEndian:
             if "PixelData" in ds:
                 arr = ds.pixel_array

@@ -157,6 +157,7 @@ class GroupCommitter:
 
 
 _RETRIES = 6
+_CACHE_MAX = 30_000  # patient/study/series rows remembered by the writer
 _RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 
 
@@ -340,6 +341,8 @@ def _cached(conn: Connection, cache: Cache, ck: tuple[str, ...], table: Any,
     if hit is not None and hit[1] == attrs:
         return int(hit[0]), False
     rid, created = _get_or_create(conn, table, key, values)
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()  # bounded: memory must not grow with the archive
     cache[ck] = (rid, attrs)
     return rid, created
 
