@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from anim import AnimError, Archive, DimseConfig, InvalidQuery, KnownAE, StoredInstance
 from anim.transcode import UNCOMPRESSED
@@ -149,12 +150,12 @@ def handle_move(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
     def established(ev: Event) -> None:
         sub_assoc["assoc"] = ev.assoc
 
-    kwargs = {"contexts": _contexts(instances) if instances else None,
+    # A refused move still opens the sub-association (see below): the server AE requests
+    # no contexts of its own, so propose Verification for it or associate() raises.
+    kwargs = {"contexts": _contexts(instances) if instances else [build_context(Verification)],
               "evt_handlers": [(evt.EVT_CONN_OPEN, handle_conn_open),
                                (evt.EVT_ESTABLISHED, established)],
               "max_pdu": 0}
-    if not kwargs["contexts"]:
-        kwargs.pop("contexts")
     yield dest.host, dest.port, kwargs
     if problem:
         # pynetdicom only reports a failure after the sub-association: one "sub-op"
