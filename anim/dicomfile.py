@@ -234,6 +234,20 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def _date(ds: Dataset, keyword: str) -> str:
+    """DA for the index: YYYYMMDD; the old ACR-NEMA form 1997.04.24 is normalised."""
+    v = _text(ds, keyword, 32)
+    digits = v.replace(".", "") if len(v) == 10 and v[4] == v[7] == "." else v
+    return digits[:8] if len(digits) >= 8 and digits[:8].isdigit() else ""
+
+
+def _time(ds: Dataset, keyword: str) -> str:
+    """TM for the index: HHMMSS.FFFFFF; the old form 14:04:38 is normalised."""
+    v = _text(ds, keyword, 32).replace(":", "")
+    head = v.split(".")[0]
+    return v[:16] if head.isdigit() and len(head) in (2, 4, 6) else ""
+
+
 def index_keys(ds: Dataset) -> dict[str, object]:
     """The attributes the index keeps as columns (DESIGN.md "Index")."""
     name = _text(ds, "PatientName", 324)
@@ -242,11 +256,11 @@ def index_keys(ds: Dataset) -> dict[str, object]:
         "issuer": _text(ds, "IssuerOfPatientID"),
         "patient_name": name,
         "patient_name_norm": name.upper(),
-        "birth_date": _text(ds, "PatientBirthDate", 8),
+        "birth_date": _date(ds, "PatientBirthDate"),
         "sex": _text(ds, "PatientSex", 16),
         "study_uid": _text(ds, "StudyInstanceUID"),
-        "study_date": _text(ds, "StudyDate", 8),
-        "study_time": _text(ds, "StudyTime", 16),
+        "study_date": _date(ds, "StudyDate"),
+        "study_time": _time(ds, "StudyTime"),
         "accession_number": _text(ds, "AccessionNumber"),
         "study_id": _text(ds, "StudyID", 16),
         "study_description": _text(ds, "StudyDescription"),
@@ -256,7 +270,7 @@ def index_keys(ds: Dataset) -> dict[str, object]:
         "series_number": _int(ds, "SeriesNumber"),
         "series_description": _text(ds, "SeriesDescription"),
         "body_part": _text(ds, "BodyPartExamined"),
-        "series_date": _text(ds, "SeriesDate", 8),
+        "series_date": _date(ds, "SeriesDate"),
         "sop_uid": _text(ds, "SOPInstanceUID"),
         "sop_class_uid": _text(ds, "SOPClassUID"),
         "instance_number": _int(ds, "InstanceNumber"),

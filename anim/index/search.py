@@ -75,10 +75,14 @@ _COLUMNS: dict[str, Any] = {
     "NumberOfFrames": instance.c.num_frames,
 }
 
+# Over an alias of study: at the STUDY level and below the outer query has study too,
+# and the subquery must count all the patient's studies, not correlate to the one row.
+_patient_studies = study.alias("patient_studies")
 _PATIENT_COUNTS = {
-    "NumberOfPatientRelatedStudies": func.count(study.c.id),
-    "NumberOfPatientRelatedSeries": func.coalesce(func.sum(study.c.num_series), 0),
-    "NumberOfPatientRelatedInstances": func.coalesce(func.sum(study.c.num_instances), 0),
+    "NumberOfPatientRelatedStudies": func.count(_patient_studies.c.id),
+    "NumberOfPatientRelatedSeries": func.coalesce(func.sum(_patient_studies.c.num_series), 0),
+    "NumberOfPatientRelatedInstances": func.coalesce(
+        func.sum(_patient_studies.c.num_instances), 0),
 }
 
 _ID = {Level.PATIENT: patient.c.id, Level.STUDY: study.c.id, Level.SERIES: series.c.id,
@@ -86,8 +90,8 @@ _ID = {Level.PATIENT: patient.c.id, Level.STUDY: study.c.id, Level.SERIES: serie
 
 
 def _patient_count(kw: str) -> Any:
-    return (select(_PATIENT_COUNTS[kw]).where(study.c.patient_fk == patient.c.id)
-            .scalar_subquery())
+    return (select(_PATIENT_COUNTS[kw]).where(_patient_studies.c.patient_fk == patient.c.id)
+            .correlate(patient).scalar_subquery())
 
 
 def _column(kw: str) -> Any:
@@ -101,7 +105,9 @@ def _range(col: Any, vr: str, value: str) -> ColumnElement[bool]:
     lo, hi = lo.strip(), hi.strip()
     if not lo and not hi:
         raise InvalidQuery(f"empty range {value!r}")
-    conds = []
+    # an entity without a value lies in no range (without this, '' <= hi let every
+    # empty date or time match an open-start range "-B")
+    conds = [col != ""]
     if lo:
         conds.append(col >= lo)
     if hi:
