@@ -142,7 +142,7 @@ class Archive:
         """The current versions of the instances a retrieve identifier selects."""
         q = Query(level=Level.IMAGE, match=dict(query.match), return_keys=("SOPInstanceUID",))
         uids = [r["00080018"]["Value"][0] for r in self.find(q)]
-        return [self.locate(uid) for uid in uids]
+        return self.index.locate_many(uids)
 
     def dataset_for(self, inst: StoredInstance, accepted: Collection[str]) -> Dataset:
         """The instance as a Dataset in a transfer syntax among *accepted*.

@@ -218,12 +218,23 @@ class Index:
             row = conn.execute(q).first()
         if row is None:
             raise NotFound(f"no instance {sop_uid}")
-        keys = tuple(k for k in (row.header_key, row.pixel_key, row.trailer_key) if k)
-        return StoredInstance(
-            sop_instance_uid=row.sop_uid, sop_class_uid=row.sop_class_uid,
-            transfer_syntax=row.transfer_syntax, prefix=bytes(row.prefix), blob_keys=keys,
-            size=int(row.size), version_id=int(row.id),
-        )
+        return _stored(row)
+
+    def locate_many(self, sop_uids: list[str]) -> list[StoredInstance]:
+        """:meth:`locate` for many instances (current versions), in the given order."""
+        v, i = version, instance
+        found: dict[str, StoredInstance] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(sop_uids), 500):
+                chunk = sop_uids[start:start + 500]
+                q = select(
+                    i.c.sop_uid, i.c.sop_class_uid, v.c.transfer_syntax, v.c.prefix,
+                    v.c.header_key, v.c.pixel_key, v.c.trailer_key, v.c.size, v.c.id,
+                ).select_from(i.join(v, v.c.id == i.c.current_version_fk)).where(
+                    i.c.sop_uid.in_(chunk))
+                for row in conn.execute(q):
+                    found[row.sop_uid] = _stored(row)
+        return [found[u] for u in sop_uids if u in found]
 
     def versions(
         self, state: VersionState | None = None, sop_uid: str | None = None
@@ -290,6 +301,15 @@ class Index:
 
 
 # ---- the write transactions (run on the writer thread) --------------------------
+
+
+def _stored(row: Any) -> StoredInstance:
+    keys = tuple(k for k in (row.header_key, row.pixel_key, row.trailer_key) if k)
+    return StoredInstance(
+        sop_instance_uid=row.sop_uid, sop_class_uid=row.sop_class_uid,
+        transfer_syntax=row.transfer_syntax, prefix=bytes(row.prefix), blob_keys=keys,
+        size=int(row.size), version_id=int(row.id),
+    )
 
 
 def _version_info_query() -> Any:

@@ -24,7 +24,6 @@ from sqlalchemy import (
     Select,
     and_,
     func,
-    literal,
     or_,
     select,
 )
@@ -85,6 +84,8 @@ _PATIENT_COUNTS = {
         func.sum(_patient_studies.c.num_instances), 0),
 }
 
+_modality_series = series.alias("modality_series")
+
 _ID = {Level.PATIENT: patient.c.id, Level.STUDY: study.c.id, Level.SERIES: series.c.id,
        Level.IMAGE: instance.c.id}
 
@@ -144,10 +145,13 @@ def condition(kw: str, value: str) -> ColumnElement[bool]:
             return _range(col, vr, value)
         return col == value
     if kw == "ModalitiesInStudy":
-        # the column holds the set as 'CT\MR'; match any of the given values
-        wrapped = literal("\\") + col + literal("\\")
-        return or_(*(wrapped.like("%\\" + _like(m) + "\\%", escape=_ESC)
-                     for m in value.split("\\") if m))
+        # studies having a series of any of these modalities: served by ix_series_modality
+        # (an alias: at SERIES level and below the outer query has its own series row)
+        mods = [m for m in value.split("\\") if m]
+        ms = _modality_series
+        cond = or_(*(ms.c.modality.like(_like(m), escape=_ESC) if _has_wildcard(m)
+                     else ms.c.modality == m for m in mods))
+        return study.c.id.in_(select(ms.c.study_fk).where(cond))
     if vr in ("IS", "US", "UL", "SL", "SS"):
         try:
             nums = [int(v) for v in value.split("\\")]
