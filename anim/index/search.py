@@ -24,6 +24,7 @@ from sqlalchemy import (
     Select,
     and_,
     func,
+    literal,
     or_,
     select,
 )
@@ -130,8 +131,11 @@ def _check_format(kw: str, vr: str, value: str) -> None:
                 raise InvalidQuery(f"{kw}: {value!r} is not a time or time range (HHMMSS)")
 
 
-def condition(kw: str, value: str) -> ColumnElement[bool]:
-    """The SQL condition for one matching key (PS3.4 C.2.2.2)."""
+def condition(kw: str, value: str, alone: bool = True) -> ColumnElement[bool]:
+    """The SQL condition for one matching key (PS3.4 C.2.2.2).
+
+    *alone*: no other key narrows the query; it picks the plan for ModalitiesInStudy.
+    """
     vr = vr_of(kw)
     col = _column(kw)
     if vr == "UI":
@@ -145,9 +149,16 @@ def condition(kw: str, value: str) -> ColumnElement[bool]:
             return _range(col, vr, value)
         return col == value
     if kw == "ModalitiesInStudy":
-        # studies having a series of any of these modalities: served by ix_series_modality
-        # (an alias: at SERIES level and below the outer query has its own series row)
         mods = [m for m in value.split("\\") if m]
+        if not alone:
+            # other keys find the few candidate studies: filter them on the
+            # denormalised set, held as 'CT\MR'
+            wrapped = literal("\\") + col + literal("\\")
+            return or_(*(wrapped.like("%\\" + _like(m) + "\\%", escape=_ESC)
+                         for m in mods))
+        # alone: studies having a series of any of these modalities, served by
+        # ix_series_modality (an alias: at SERIES level and below the outer query has
+        # its own series row)
         ms = _modality_series
         cond = or_(*(ms.c.modality.like(_like(m), escape=_ESC) if _has_wildcard(m)
                      else ms.c.modality == m for m in mods))
@@ -195,8 +206,9 @@ def build(q: Query) -> tuple[Select[Any], list[str]]:
             and k != "SOPClassesInStudy"]
     cols = [_column(k).label(k) for k in keys]
     stmt = select(_ID[q.level].label("_id"), *cols).select_from(_from(q.level))
-    for kw, value in q.matching.items():
-        stmt = stmt.where(condition(kw, value))
+    matching = q.matching
+    for kw, value in matching.items():
+        stmt = stmt.where(condition(kw, value, alone=len(matching) == 1))
     stmt = stmt.order_by(_ID[q.level])
     if q.limit is not None:
         stmt = stmt.limit(q.limit)

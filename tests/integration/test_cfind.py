@@ -556,6 +556,13 @@ def test_study_level_universal_returns_every_study_with_computed_keys(
     pytest.param({"ModalitiesInStudy": "CT\\MR"}, 6, id="modality-list"),
     pytest.param({"ModalitiesInStudy": "M?"}, 3, id="modality-wildcard"),
     pytest.param({"ModalitiesInStudy": "SEG"}, 1, id="modality-pydicom"),
+    # with another key the archive filters on the study's modality set instead
+    pytest.param({"ModalitiesInStudy": "MR", "StudyDate": "20240101-20241231"}, 2,
+                 id="modality-with-date"),
+    pytest.param({"ModalitiesInStudy": "CT\\MR", "PatientID": "SYN0003"}, 2,
+                 id="modality-list-with-patient"),
+    pytest.param({"ModalitiesInStudy": "US", "PatientID": "SYN0003"}, 0,
+                 id="modality-absent-with-patient"),
 ])
 def test_study_level_matching(loaded: Loaded, tmp_path: Path, keys: dict[str, str],
                               at_least: int) -> None:
