@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
@@ -71,7 +72,7 @@ def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
 
 def _charset_of(ident: Dataset) -> str:
     cs = ident.get("SpecificCharacterSet", "") or ""
-    if isinstance(cs, list | tuple) or type(cs).__name__ == "MultiValue":
+    if isinstance(cs, MultiValue | list | tuple):
         cs = cs[-1] if len(cs) else ""
     return str(cs).strip()
 
