@@ -1,7 +1,8 @@
 """QIDO-RS, study level (PS3.18 10.6): for now the listing of all studies.
 
-Matching keys are not supported yet; a request that asks for matching gets
-400 with the reason rather than an answer that ignores the filter.
+Answered by the archive's one query engine (anim.Query), like C-FIND. Matching keys
+are not supported yet; a request that asks for matching gets 400 with the reason
+rather than an answer that ignores the filter.
 """
 
 from __future__ import annotations
@@ -10,39 +11,22 @@ from typing import Any
 
 from aiohttp import web
 
+from anim import Archive, Level, Query
 from web.keys import archive_key, run_sync
 
 _PAGING = {"limit", "offset", "includefield"}
 MAX_RESULTS = 1000
+# PS3.18 Table 10.6.3-3: default study-level return attributes
+STUDY_KEYS = (
+    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+    "ReferringPhysicianName", "StudyDescription", "PatientName", "PatientID",
+    "IssuerOfPatientID", "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
 
 
-def _attr(vr: str, value: Any) -> dict[str, Any]:
-    if value in (None, ""):
-        return {"vr": vr}
-    if vr == "PN":
-        return {"vr": vr, "Value": [{"Alphabetic": value}]}
-    if vr == "CS" and isinstance(value, str):
-        return {"vr": vr, "Value": [v for v in value.split("\\") if v]}
-    return {"vr": vr, "Value": [value]}
-
-
-def study_json(row: dict[str, Any]) -> dict[str, Any]:
-    # PS3.18 Table 10.6.3-3: default study-level return attributes
-    return {
-        "00080020": _attr("DA", row["study_date"]),
-        "00080030": _attr("TM", row["study_time"]),
-        "00080050": _attr("SH", row["accession_number"]),
-        "00080061": _attr("CS", row["modalities"]),
-        "00080090": _attr("PN", row["referring_physician"]),
-        "00081030": _attr("LO", row["description"]),
-        "00100010": _attr("PN", row["patient_name"]),
-        "00100020": _attr("LO", row["patient_id"]),
-        "00100021": _attr("LO", row["issuer"]),
-        "0020000D": _attr("UI", row["study_uid"]),
-        "00200010": _attr("SH", row["study_id"]),
-        "00201206": _attr("IS", row["num_series"]),
-        "00201208": _attr("IS", row["num_instances"]),
-    }
+def _find_all(archive: Archive, query: Query) -> list[dict[str, Any]]:
+    return list(archive.find(query))
 
 
 async def search_studies(request: web.Request) -> web.Response:
@@ -57,5 +41,6 @@ async def search_studies(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(reason="limit and offset must be integers") from None
     if limit < 0 or offset < 0:
         raise web.HTTPBadRequest(reason="limit and offset must not be negative")
-    rows = await run_sync(request, request.app[archive_key].index.studies, limit, offset)
-    return web.json_response([study_json(r) for r in rows], content_type="application/dicom+json")
+    query = Query(level=Level.STUDY, return_keys=STUDY_KEYS, limit=limit, offset=offset)
+    rows = await run_sync(request, _find_all, request.app[archive_key], query)
+    return web.json_response(rows, content_type="application/dicom+json")

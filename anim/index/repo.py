@@ -286,14 +286,6 @@ class Index:
             raise NotFound(f"no study {study_uid}")
         return dict(row)
 
-    def studies(self, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
-        """Study rows with their patient, in a stable order (for listings)."""
-        q = select(study, patient.c.patient_id, patient.c.issuer, patient.c.patient_name).join(
-            patient, patient.c.id == study.c.patient_fk).order_by(study.c.id).limit(
-            limit).offset(offset)
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
-
     def changes_since(self, seq: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         q = select(change).where(change.c.seq > seq).order_by(change.c.seq).limit(limit)
         with self.engine.connect() as conn:
