@@ -6,17 +6,20 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from anim.archive import Archive
 from anim.errors import AnimError, InvalidInstance
 from anim.models import Source, StoreOutcome
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,6 +86,19 @@ def _looks_like_dicom(data: bytes) -> bool:
     return data[128:132] == b"DICM" or data[:2] in (b"\x02\x00", b"\x08\x00")
 
 
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Path], T], items: Iterator[Path],
+                 window: int) -> Iterator[T]:
+    """pool.map in order, with at most *window* items in flight: memory stays flat
+    however many files an import walks (Executor.map would submit them all first)."""
+    pending: deque[Future[T]] = deque()
+    while True:
+        while len(pending) < window and (item := next(items, None)) is not None:
+            pending.append(pool.submit(fn, item))
+        if not pending:
+            return
+        yield pending.popleft().result()
+
+
 def import_paths(archive: Archive, paths: list[Path], institution: str = "import",
                  workers: int = 4, progress: bool = True) -> ImportSummary:
     """Store every file under *paths*; non-DICOM files are reported, not fatal."""
@@ -108,9 +124,9 @@ def import_paths(archive: Archive, paths: list[Path], institution: str = "import
         return path, r.outcome.value, "", len(data), r.new_bytes
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for n, (path, what, reason, size, new) in enumerate(
-                pool.map(one, iter_files(paths)), start=1):
-            summary.add(path, what, reason, size, new)
+        results = _bounded_map(pool, one, iter_files(paths), window=max(1, workers) * 4)
+        for n, result in enumerate(results, start=1):
+            summary.add(*result)
             now = time.monotonic()
             if show and now - last > 0.25:
                 last = now

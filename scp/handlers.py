@@ -15,7 +15,7 @@ from scp import status
 log = logging.getLogger(__name__)
 
 
-def _status(code: int, comment: str = "") -> Dataset:
+def status_reply(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
     if comment:
@@ -24,7 +24,7 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
-def _peer(event: Event) -> tuple[str, str]:
+def peer(event: Event) -> tuple[str, str]:
     req = event.assoc.requestor
     return str(req.ae_title).strip(), str(req.address)
 
@@ -58,10 +58,10 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(event: Event, archive: Archive, cfg: DimseConfig) -> Any:
-    ae_title, host = _peer(event)
+    ae_title, host = peer(event)
     if not may(cfg, ae_title, "store"):
         log.warning("C-STORE refused: %s (%s) may not store", ae_title, host)
-        return _status(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not store")
+        return status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not store")
     req = event.request
     try:
         data = event.encoded_dataset()
@@ -70,8 +70,8 @@ def handle_store(event: Event, archive: Archive, cfg: DimseConfig) -> Any:
     except AnimError as e:
         code = status.store_error_status(e)
         log.warning("C-STORE from %s (%s) failed 0x%04X: %s", ae_title, host, code, e)
-        return _status(code, str(e))
+        return status_reply(code, str(e))
     code = status.STORE_OUTCOME_STATUS[result.outcome]
     if result.outcome is StoreOutcome.QUARANTINED:
-        return _status(code, "Quarantined: same SOP Instance UID, other content")
+        return status_reply(code, "Quarantined: same SOP Instance UID, other content")
     return code

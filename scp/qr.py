@@ -20,7 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from anim import AnimError, Archive, DimseConfig, InvalidQuery, KnownAE, StoredInstance
 from anim.transcode import UNCOMPRESSED
 from scp import identifiers, status
-from scp.handlers import _peer, _status, handle_conn_open, may
+from scp.handlers import handle_conn_open, may, peer, status_reply
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,9 @@ def _identifier(event: Event) -> Dataset:
 
 
 def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[Any]:
-    ae_title, host = _peer(event)
+    ae_title, host = peer(event)
     if not may(cfg, ae_title, "find"):
-        yield _status(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not query"), None
+        yield status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not query"), None
         return
     t0 = time.perf_counter()
     try:
@@ -60,11 +60,11 @@ def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
             yield PENDING, identifiers.response(result, query, charset, cfg.aet)
     except InvalidQuery as e:
         log.warning("C-FIND from %s (%s) refused: %s", ae_title, host, e)
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, str(e)), None
+        yield status_reply(IDENTIFIER_DOES_NOT_MATCH, str(e)), None
         return
     except AnimError as e:
         log.warning("C-FIND from %s (%s) failed: %s", ae_title, host, e)
-        yield _status(UNABLE_TO_PROCESS, str(e)), None
+        yield status_reply(UNABLE_TO_PROCESS, str(e)), None
         return
     log.info("C-FIND from %s/%s at %s level: %d matches, %.1f ms", ae_title, host,
              query.level.value, n, (time.perf_counter() - t0) * 1000)
@@ -130,7 +130,7 @@ def _accepted(assoc: Any) -> dict[str, set[str]]:
 
 
 def handle_move(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[Any]:
-    ae_title, host = _peer(event)
+    ae_title, host = peer(event)
     dest_title = str(event.move_destination).strip()
     dest: KnownAE | None = cfg.find_ae(dest_title)
     if dest is None or not dest.host:
@@ -164,7 +164,7 @@ def handle_move(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
         code = (status.REFUSED_NOT_AUTHORIZED if problem.startswith("AE ")
                 else IDENTIFIER_DOES_NOT_MATCH)
         log.warning("C-MOVE from %s refused: %s", ae_title, problem)
-        yield _status(code, problem), None
+        yield status_reply(code, problem), None
         return
     yield len(instances)
     log.info("C-MOVE from %s/%s to %s: %d instances", ae_title, host, dest_title,
@@ -179,17 +179,17 @@ def _may_move_to(cfg: DimseConfig, ae_title: str, dest: str) -> bool:
 
 
 def handle_get(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[Any]:
-    ae_title, host = _peer(event)
+    ae_title, host = peer(event)
     if not may(cfg, ae_title, "get"):
         yield 1
-        yield _status(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not retrieve"), None
+        yield status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not retrieve"), None
         return
     try:
         instances = _select(event, archive)
     except AnimError as e:
         log.warning("C-GET from %s (%s) refused: %s", ae_title, host, e)
         yield 1
-        yield _status(IDENTIFIER_DOES_NOT_MATCH, str(e)), None
+        yield status_reply(IDENTIFIER_DOES_NOT_MATCH, str(e)), None
         return
     yield len(instances)
     log.info("C-GET from %s/%s: %d instances", ae_title, host, len(instances))
