@@ -15,6 +15,7 @@ from anim.errors import (
     NotFound,
     SOPClassMismatch,
     StorageUnavailable,
+    StudyMismatch,
 )
 from anim.models import Source, StoredInstance, StoreOutcome, StoreResult, VersionInfo, VersionState
 from anim.query import Level, Query
@@ -40,6 +41,7 @@ __all__ = [
     "StoreOutcome",
     "StoreResult",
     "StoredInstance",
+    "StudyMismatch",
     "VersionInfo",
     "VersionState",
     "WebConfig",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Collection, Iterator
@@ -15,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from anim import dicomfile, dicomjson, transcode
 from anim.config import Config
-from anim.errors import NotAcceptable, SOPClassMismatch
+from anim.errors import NotAcceptable, SOPClassMismatch, StudyMismatch
 from anim.index import search
 from anim.index.engine import make_engine
 from anim.index.migrations import migrate
@@ -64,7 +66,8 @@ class Archive:
     # ---- ingest -------------------------------------------------------------------
 
     def store(
-        self, data: bytes, source: Source, expect_sop_class: str | None = None
+        self, data: bytes, source: Source, expect_sop_class: str | None = None,
+        expect_study: str | None = None,
     ) -> StoreResult:
         """Store one Part 10 object (or bare data set) received from *source*.
 
@@ -77,6 +80,8 @@ class Archive:
             Not DICOM, truncated, required UIDs missing.
         SOPClassMismatch
             *expect_sop_class* given and the data set says otherwise.
+        StudyMismatch
+            *expect_study* given (STOW-RS to a study) and the data set is of another.
         StorageUnavailable
             Blobs or index cannot be written.
         """
@@ -86,6 +91,10 @@ class Archive:
             raise SOPClassMismatch(
                 f"SOP Class UID in the data set ({p.sop_class_uid}) differs from the one "
                 f"the object was sent as ({expect_sop_class})")
+        if expect_study is not None and str(p.dataset.StudyInstanceUID) != expect_study:
+            raise StudyMismatch(
+                f"Study Instance UID {p.dataset.StudyInstanceUID} is not the study the "
+                f"object was sent to ({expect_study})")
         # Blob hashing and fsync release the GIL: write the pieces on the I/O pool
         # while this thread computes the metadata, then wait for both.
         pieces = [piece for piece in (p.header, p.pixels, p.trailer) if piece is not None]
@@ -104,7 +113,9 @@ class Archive:
             prefix=p.prefix, transfer_syntax=p.transfer_syntax, size=len(data),
             dicom_json=dicom_json, source=source, new_bytes=new_bytes,
         )
-        result = self.index.record(item)
+        result = dataclasses.replace(self.index.record(item),
+                                     series_instance_uid=keys["series_uid"],
+                                     sop_class_uid=keys["sop_class_uid"])
         log.info("store %s from %s/%s: %s, %d new bytes, %.1f ms", result.sop_instance_uid,
                  source.ae_title or source.protocol, source.host, result.outcome.value,
                  new_bytes, (time.perf_counter() - t0) * 1000)
@@ -123,6 +134,27 @@ class Archive:
             with self.blobs.open(key) as f:
                 while block := f.read(chunk):
                     yield block
+
+    def iter_part10(self, inst: StoredInstance, target_ts: str | None = None,
+                    chunk: int = CHUNK) -> Iterator[bytes]:
+        """The instance as a Part 10 file, in *target_ts* (None: as stored), streamed.
+
+        As stored, the bytes are the received ones (a file meta is made for a bare data
+        set); in another syntax the one instance is decoded in memory.
+
+        Raises
+        ------
+        NotAcceptable
+            *target_ts* is neither the stored syntax nor an uncompressed one, or the
+            pixel data cannot be decoded.
+        """
+        if target_ts is None or target_ts == inst.transfer_syntax:
+            if not inst.prefix:
+                yield transcode.file_meta_prefix(inst.sop_class_uid, inst.sop_instance_uid,
+                                                 inst.transfer_syntax)
+            yield from self.iter_bytes(inst, chunk)
+            return
+        yield transcode.encode(self.dataset_for(inst, [target_ts]))
 
     def read_bytes(self, sop_uid: str, version_id: int | None = None) -> bytes:
         return b"".join(self.iter_bytes(self.locate(sop_uid, version_id)))
@@ -143,6 +175,20 @@ class Archive:
         q = Query(level=Level.IMAGE, match=dict(query.match), return_keys=("SOPInstanceUID",))
         uids = [r["00080018"]["Value"][0] for r in self.find(q)]
         return self.index.locate_many(uids)
+
+    def scoped(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None, with_json: bool = False
+               ) -> Iterator[tuple[StoredInstance, str]]:
+        """Current instances of a study / series / instance in reading order (see Index)."""
+        return self.index.scoped(study_uid, series_uid, sop_uid, with_json)
+
+    def instance_json(self, sop_uid: str) -> dict[str, Any]:
+        """The DICOM JSON metadata computed at ingest (BulkDataURI as ``anim-bulk:``)."""
+        return dict(json.loads(self.index.current_json(sop_uid)))
+
+    def read_blob(self, key: str) -> bytes:
+        with self.blobs.open(key) as f:
+            return f.read()
 
     def dataset_for(self, inst: StoredInstance, accepted: Collection[str]) -> Dataset:
         """The instance as a Dataset in a transfer syntax among *accepted*.

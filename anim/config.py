@@ -75,6 +75,18 @@ class DimseConfig:
 class WebConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # the archive's address as clients see it (behind a proxy): prefix of RetrieveURL
+    # and BulkDataURI; empty = taken from each request's Host
+    public_url: str = ""
+    # origins a browser viewer may call from: comma-separated, "*" = any, "" = none
+    cors_origins: str = "*"
+    max_stow_bytes: int = 8 << 30  # one STOW-RS request body; above: 413
+    qido_max_results: int = 1000  # a larger or absent limit is cut here, with a Warning
+    institution: str = "DICOMweb"  # the institution STOW-RS stores are recorded under
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in self.cors_origins.split(",") if o.strip())
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +223,8 @@ def _validate(cfg: Config) -> Config:
     _check_aet(cfg.dimse.aet, "[dimse].aet")
     _check_port(cfg.dimse.port, "[dimse].port")
     _check_port(cfg.web.port, "[web].port")
+    if cfg.web.max_stow_bytes < 1 or cfg.web.qido_max_results < 1:
+        raise ConfigError("[web].max_stow_bytes and [web].qido_max_results must be positive")
     if cfg.dimse.max_pdu < 0:
         raise ConfigError("[dimse].max_pdu must be 0 (unlimited) or positive")
     if cfg.dimse.max_associations < 1:

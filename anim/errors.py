@@ -5,7 +5,8 @@
     AnimError
     ├── ConfigError          bad or unknown setting (startup only)
     ├── InvalidInstance      not DICOM / required UID missing / undecodable header
-    │   └── SOPClassMismatch data set's SOP Class differs from the one negotiated
+    │   ├── SOPClassMismatch data set's SOP Class differs from the one negotiated
+    │   └── StudyMismatch    data set of another study than the one it was sent to
     ├── InvalidQuery         bad level, key or matching value (PS3.4 C.2.2.2)
     ├── NotFound             no such study / series / instance / version
     ├── NotAcceptable        a transfer syntax or media type that cannot be produced
@@ -29,6 +30,10 @@ class InvalidInstance(AnimError):
 
 class SOPClassMismatch(InvalidInstance):
     """The data set does not match the SOP Class it was sent as (PS3.4 B.2.3, 0xA900)."""
+
+
+class StudyMismatch(InvalidInstance):
+    """STOW-RS to a study: the data set belongs to another study (PS3.18 10.5)."""
 
 
 class InvalidQuery(AnimError):

@@ -38,6 +38,8 @@ class StoreResult:
     version_id: int
     new_bytes: int  # bytes written to the blob store by this call
     message: str = ""
+    series_instance_uid: str = ""
+    sop_class_uid: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,9 @@ class Query:
     return_keys: tuple[str, ...] = ()
     limit: int | None = None
     offset: int = 0
+    # QIDO-RS includefield=all: also every attribute of the level held in the
+    # stored metadata of a representative instance (PS3.18 8.3.4.3)
+    include_all: bool = False
 
     def __post_init__(self) -> None:
         for kw, value in self.match.items():
@@ -144,3 +147,29 @@ class Query:
             if k not in _CONTROL:
                 seen[k] = None
         return list(seen)
+
+
+# Attributes of the study and series levels beyond INDEXED, by tag, for includefield=all.
+# Patient-level attributes are group 0010; anything not listed is instance level.
+_STUDY_TAGS = frozenset({
+    0x00080020, 0x00080030, 0x00080050, 0x00080051, 0x00080056, 0x00080061, 0x00080062,
+    0x00080090, 0x00080201, 0x00081030, 0x00081032, 0x00081048, 0x00081060, 0x00081080,
+    0x00200010, 0x0020000D, 0x00201206, 0x00201208, 0x00321032, 0x00321060, 0x00400244,
+    0x00400245,
+})
+_SERIES_TAGS = frozenset({
+    0x00080021, 0x00080031, 0x00080060, 0x00080070, 0x00080080, 0x00081010, 0x0008103E,
+    0x00081040, 0x00081050, 0x00081070, 0x00081090, 0x00180015, 0x00181030, 0x00185100,
+    0x0020000E, 0x00200011, 0x00200060, 0x00201209, 0x00400275, 0x00400253,
+})
+
+
+def level_of_tag(tag: int) -> Level:
+    """The level an attribute belongs to, for includefield=all (coarse, by module)."""
+    if tag >> 16 == 0x0010:
+        return Level.PATIENT
+    if tag in _STUDY_TAGS:
+        return Level.STUDY
+    if tag in _SERIES_TAGS:
+        return Level.SERIES
+    return Level.IMAGE

@@ -12,8 +12,9 @@ import warnings
 from collections.abc import Collection
 from io import BytesIO
 
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -77,3 +78,26 @@ def to_uncompressed(ds: Dataset, target: str) -> Dataset:
     if target_uid == ImplicitVRLittleEndian:
         ds.set_original_encoding(True, True, ds.original_character_set)
     return ds
+
+
+def file_meta_prefix(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble and File Meta Information (PS3.10 7.1) for a stored bare data set.
+
+    Objects received without one (an imported bare data set) still leave the archive
+    as Part 10 files, which WADO-RS application/dicom requires.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    buf = BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def encode(ds: Dataset) -> bytes:
+    """A (decoded) data set as a Part 10 file in its file meta's transfer syntax."""
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()

@@ -6,30 +6,17 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from aiohttp import web
 
-from anim import AnimError, Archive, WebConfig
-from web import routes
+from anim import Archive, WebConfig
+from web import cors, routes
+from web.errors import errors_middleware
 from web.keys import archive_key, config_key, executor_key
 
 log = logging.getLogger(__name__)
 
 CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except AnimError as e:
-        return web.json_response({"error": type(e).__name__, "reason": str(e)}, status=400)
-    except Exception:
-        log.exception("HTTP %s %s failed", request.method, request.path)
-        return web.json_response({"error": "internal"}, status=500)
-
 
 @contextlib.asynccontextmanager
 async def _executor(app: web.Application) -> AsyncIterator[None]:
@@ -41,7 +28,9 @@ async def _executor(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(archive: Archive, cfg: WebConfig,
                extra_ctx: Sequence[CleanupCtx] = ()) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware])
+    # client_max_size bounds only bodies read whole; STOW streams its body
+    app = web.Application(middlewares=[cors.cors_middleware, errors_middleware])
+    app.on_response_prepare.append(cors.on_prepare)
     app[archive_key] = archive
     app[config_key] = cfg
     app.cleanup_ctx.append(_executor)

@@ -1,46 +1,245 @@
-"""QIDO-RS, study level (PS3.18 10.6): for now the listing of all studies.
+"""QIDO-RS (PS3.18 10.6): search for studies, series and instances.
 
-Answered by the archive's one query engine (anim.Query), like C-FIND. Matching keys
-are not supported yet; a request that asks for matching gets 400 with the reason
-rather than an answer that ignores the filter.
+The request becomes an ``anim.Query`` and runs on the archive's one query engine, the
+one C-FIND uses; this module only translates parameters in and adds the URLs out.
+
+Choices where the standard leaves room:
+- no match is 200 with ``[]`` (CP-2473: a 204 cannot carry the empty payload);
+- ``limit`` above ``[web].qido_max_results`` (or absent, with more matches than
+  that) is cut there, with a ``Warning: 299`` header saying more results exist;
+- ``fuzzymatching=true`` and ``emptyvaluematching=true`` are accepted and not
+  honoured: literal matching (person names case-insensitively) is done, and a
+  ``Warning: 299`` says so (PS3.18 8.3.4.1 / Table 8.3.4-1);
+- multiple values are comma-separated (PS3.18 8.3.4.2) for UIDs always, for other
+  attributes with ``multiplevaluematching=true``; a backslash list also works;
+- matching on an attribute the index cannot match on, or on an attribute of a
+  level below the resource's, is 400 with the reason, never silently ignored.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiDictProxy
+from pydicom.datadict import tag_for_keyword
 
-from anim import Archive, Level, Query
-from web.keys import archive_key, run_sync
+from anim import Archive, InvalidQuery, Level, Query
+from anim.query import INDEXED, UNIQUE_KEY, keyword_of, vr_of
+from web import urls
+from web.keys import archive_key, config_key
+from web.media import parse_accept, wants_json
+from web.streaming import iterate_sync
 
-_PAGING = {"limit", "offset", "includefield"}
-MAX_RESULTS = 1000
-# PS3.18 Table 10.6.3-3: default study-level return attributes
+# PS3.18 Tables 10.6.3-3, -4 and -5: the attributes every result carries
 STUDY_KEYS = (
-    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
-    "ReferringPhysicianName", "StudyDescription", "PatientName", "PatientID",
-    "IssuerOfPatientID", "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances",
+    "StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
+    "ModalitiesInStudy", "ReferringPhysicianName", "TimezoneOffsetFromUTC",
+    "StudyDescription", "PatientName", "PatientID", "IssuerOfPatientID",
+    "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
 )
+SERIES_KEYS = (
+    "Modality", "TimezoneOffsetFromUTC", "SeriesDescription", "SeriesInstanceUID",
+    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "RequestAttributesSequence", "SeriesNumber", "NumberOfSeriesRelatedInstances",
+    "SeriesDate", "BodyPartExamined",
+)
+INSTANCE_KEYS = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "TimezoneOffsetFromUTC",
+    "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
+)
+_CONTROL = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching",
+            "multiplevaluematching", "orderby"}
+_NAMES = {Level.PATIENT: "patient", Level.STUDY: "study", Level.SERIES: "series",
+          Level.IMAGE: "instance"}
+_AVAILABILITY = "00080056"
+_RETRIEVE_URL = "00081190"
+WARN_AGENT = "anim"
 
 
-def _find_all(archive: Archive, query: Query) -> list[dict[str, Any]]:
-    return list(archive.find(query))
+def _flag(params: MultiDictProxy[str], name: str) -> bool:
+    value = params.get(name, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidQuery(f"{name} must be true or false, got {value!r}")
+    return value == "true"
 
 
-async def search_studies(request: web.Request) -> web.Response:
-    unsupported = sorted(set(request.query) - _PAGING)
-    if unsupported:
-        keys = ", ".join(unsupported)
-        raise web.HTTPBadRequest(reason=f"matching on {keys} is not supported yet")
+def _int(params: MultiDictProxy[str], name: str, default: int | None) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
     try:
-        limit = min(int(request.query.get("limit", MAX_RESULTS)), MAX_RESULTS)
-        offset = int(request.query.get("offset", 0))
+        value = int(raw)
     except ValueError:
-        raise web.HTTPBadRequest(reason="limit and offset must be integers") from None
-    if limit < 0 or offset < 0:
-        raise web.HTTPBadRequest(reason="limit and offset must not be negative")
-    query = Query(level=Level.STUDY, return_keys=STUDY_KEYS, limit=limit, offset=offset)
-    rows = await run_sync(request, _find_all, request.app[archive_key], query)
-    return web.json_response(rows, content_type="application/dicom+json")
+        raise InvalidQuery(f"{name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise InvalidQuery(f"{name} must not be negative")
+    return value
+
+
+def default_keys(level: Level, study_in_path: bool, series_in_path: bool) -> tuple[str, ...]:
+    """PS3.18 10.6.3.3: a search across studies returns the study attributes too."""
+    if level is Level.STUDY:
+        return STUDY_KEYS
+    if level is Level.SERIES:
+        return SERIES_KEYS if study_in_path else SERIES_KEYS + STUDY_KEYS
+    keys = INSTANCE_KEYS
+    if not series_in_path:
+        keys += SERIES_KEYS
+    if not study_in_path:
+        keys += STUDY_KEYS
+    return keys
+
+
+def build_query(params: MultiDictProxy[str], level: Level, path: dict[str, str],
+                max_results: int) -> tuple[Query, list[str], int]:
+    """The Query for a QIDO request, its Warning texts, and the server-side limit.
+
+    Raises
+    ------
+    InvalidQuery
+        An unknown attribute, a bad control parameter, a key the index cannot match
+        or that lies below the resource's level.
+    """
+    warnings = _option_warnings(params)
+    multiple = _flag(params, "multiplevaluematching")
+    limit = _int(params, "limit", None)
+    offset = _int(params, "offset", 0) or 0
+    server_limit = max_results if limit is None else min(limit, max_results)
+
+    match: dict[str, str] = dict(path)
+    includes = [f.strip() for raw in params.getall("includefield", [])
+                for f in raw.split(",") if f.strip()]
+    include_all = any(f.lower() == "all" for f in includes)
+    includes = [_attribute(f) for f in includes if f.lower() != "all"]
+    for name, raw in params.items():
+        if name.lower() in _CONTROL:
+            continue
+        kw = _attribute(name)
+        if kw in path and raw != path[kw]:
+            raise InvalidQuery(f"{kw} in the query differs from the one in the path")
+        match[kw] = _merge(match.get(kw), _value(kw, raw, multiple))
+    for kw, value in match.items():
+        _check_key(kw, value, level)
+    return_keys = default_keys(level, "StudyInstanceUID" in path,
+                               "SeriesInstanceUID" in path) + tuple(includes)
+    # one more than asked, to know whether the server limit cut the results
+    query = Query(level=level, match=match, return_keys=return_keys,
+                  limit=server_limit + 1, offset=offset, include_all=include_all)
+    return query, warnings, server_limit
+
+
+def _option_warnings(params: MultiDictProxy[str]) -> list[str]:
+    warnings = []
+    if _flag(params, "fuzzymatching"):
+        warnings.append("The fuzzymatching parameter is not supported. "
+                        "Only literal matching has been performed.")
+    if _flag(params, "emptyvaluematching"):
+        warnings.append("The emptyvaluematching parameter is not supported. "
+                        "Empty values only match universal matching.")
+    return warnings
+
+
+def _attribute(name: str) -> str:
+    if "." in name:
+        raise InvalidQuery(f"{name}: matching inside sequences is not supported")
+    return keyword_of(name)
+
+
+def _value(kw: str, raw: str, multiple: bool) -> str:
+    # PS3.18 8.3.4.2: a comma separates values of a UID list; for other attributes
+    # only with multiplevaluematching=true (a name may contain a comma otherwise)
+    if vr_of(kw) == "UI" or multiple:
+        return "\\".join(v.strip() for v in raw.split(",") if v.strip())
+    return raw
+
+
+def _merge(old: str | None, new: str) -> str:
+    return new if not old else f"{old}\\{new}"
+
+
+def _check_key(kw: str, value: str, level: Level) -> None:
+    if value in ("", "*"):
+        return
+    own = INDEXED.get(kw)
+    if own is None or kw == "SOPClassesInStudy":
+        raise InvalidQuery(
+            f"matching on {kw} is not supported; it can be returned with includefield")
+    if own.depth > level.depth:
+        hint = " (use ModalitiesInStudy)" if kw == "Modality" else ""
+        raise InvalidQuery(
+            f"{kw} is a {_NAMES[own]}-level attribute; this resource searches "
+            f"{_NAMES[level]} level{hint}")
+
+
+def _run(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
+    yield from archive.find(query)
+
+
+def _decorate(row: dict[str, Any], level: Level, base: str) -> None:
+    def uid(kw: str) -> str:
+        v = row.get(f"{tag_for_keyword(kw):08X}", {}).get("Value", [""])
+        return str(v[0]) if v else ""
+
+    if _AVAILABILITY in row:
+        row[_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    st = uid("StudyInstanceUID")
+    if level is Level.STUDY:
+        url = urls.study_url(base, st)
+    elif level is Level.SERIES:
+        url = urls.series_url(base, st, uid("SeriesInstanceUID"))
+    else:
+        url = urls.instance_url(base, st, uid("SeriesInstanceUID"), uid("SOPInstanceUID"))
+    row[_RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
+
+
+def _make_handler(level: Level, path_keys: tuple[str, ...]) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not wants_json(parse_accept(request.headers.get("Accept"))):
+            raise web.HTTPNotAcceptable(
+                text=json.dumps({"status": 406, "reason":
+                                 "QIDO-RS answers application/dicom+json only"}),
+                content_type="application/json")
+        path = {kw: request.match_info[UNIQUE_KEY_PARAM[kw]] for kw in path_keys}
+        cfg = request.app[config_key]
+        query, warnings, server_limit = build_query(request.query, level, path,
+                                                    cfg.qido_max_results)
+        base = urls.root(request)
+        rows: list[dict[str, Any]] = []
+        # the engine's ORDER BY is the entity's id: paging never repeats or skips
+        async for row in iterate_sync(request, _run, request.app[archive_key], query):
+            rows.append(row)
+        if len(rows) > server_limit:
+            rows = rows[:server_limit]
+            warnings.append(f"The number of results exceeded the maximum supported by "
+                            f"the server ({server_limit}). Additional results can be "
+                            f"requested with offset.")
+        for row in rows:
+            _decorate(row, level, base)
+        body = urls.absolute_bulk(json.dumps(rows, separators=(",", ":"),
+                                             ensure_ascii=False), base)
+        resp = web.Response(text=body, content_type="application/dicom+json")
+        for w in warnings:
+            resp.headers.add("Warning", f'299 {WARN_AGENT} "{w}"')
+        if len(body) > 1024:
+            resp.enable_compression()
+        return resp
+
+    return handler
+
+
+UNIQUE_KEY_PARAM = {
+    UNIQUE_KEY[Level.STUDY]: "study",
+    UNIQUE_KEY[Level.SERIES]: "series",
+    UNIQUE_KEY[Level.IMAGE]: "instance",
+}
+
+search_studies = _make_handler(Level.STUDY, ())
+search_all_series = _make_handler(Level.SERIES, ())
+search_all_instances = _make_handler(Level.IMAGE, ())
+search_study_series = _make_handler(Level.SERIES, ("StudyInstanceUID",))
+search_study_instances = _make_handler(Level.IMAGE, ("StudyInstanceUID",))
+search_series_instances = _make_handler(Level.IMAGE, ("StudyInstanceUID", "SeriesInstanceUID"))

@@ -4,10 +4,37 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from web import health, qido
+from web import capabilities, health, qido, rendered, stow, wado
+
+DW = "/dicom-web"
+STUDY = DW + "/studies/{study}"
+SERIES = STUDY + "/series/{series}"
+INSTANCE = SERIES + "/instances/{instance}"
+FRAMES = INSTANCE + "/frames/{frames}"
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/health", health.health)
-    app.router.add_get("/version", health.version)
-    app.router.add_get("/dicom-web/studies", qido.search_studies)
+    r = app.router
+    r.add_get("/health", health.health)
+    r.add_get("/version", health.version)
+    r.add_route("OPTIONS", DW, capabilities.options)
+    # QIDO-RS (PS3.18 10.6)
+    r.add_get(DW + "/studies", qido.search_studies)
+    r.add_get(DW + "/series", qido.search_all_series)
+    r.add_get(DW + "/instances", qido.search_all_instances)
+    r.add_get(STUDY + "/series", qido.search_study_series)
+    r.add_get(STUDY + "/instances", qido.search_study_instances)
+    r.add_get(SERIES + "/instances", qido.search_series_instances)
+    # STOW-RS (PS3.18 10.5)
+    r.add_post(DW + "/studies", stow.store)
+    r.add_post(STUDY, stow.store)
+    # WADO-RS (PS3.18 10.4)
+    for base in (STUDY, SERIES, INSTANCE):
+        r.add_get(base, wado.retrieve)
+        r.add_get(base + "/metadata", wado.metadata)
+        r.add_get(base + "/rendered", rendered.rendered)
+        r.add_get(base + "/thumbnail", rendered.thumbnail)
+    r.add_get(FRAMES, wado.frames)
+    r.add_get(FRAMES + "/rendered", rendered.rendered)
+    r.add_get(FRAMES + "/thumbnail", rendered.thumbnail)
+    r.add_get(INSTANCE + "/bulkdata/{tag}", wado.bulkdata)

@@ -236,6 +236,69 @@ class Index:
                     found[row.sop_uid] = _stored(row)
         return [found[u] for u in sop_uids if u in found]
 
+    def scoped(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None, with_json: bool = False
+               ) -> Iterator[tuple[StoredInstance, str]]:
+        """The current instances of a study, series or instance, in reading order.
+
+        Yields each instance with its DICOM JSON text (``""`` unless *with_json*):
+        ordered by series, then instance number, then arrival, so that a viewer gets a
+        series in slice order. The hierarchy is checked: a series UID of another study
+        selects nothing. Streams from the database; nothing is held for the whole study.
+        """
+        v, i = version, instance
+        cols = [i.c.sop_uid, i.c.sop_class_uid, v.c.transfer_syntax, v.c.prefix,
+                v.c.header_key, v.c.pixel_key, v.c.trailer_key, v.c.size, v.c.id]
+        if with_json:
+            cols.append(v.c.dicom_json)
+        q = (select(*cols)
+             .select_from(i.join(v, v.c.id == i.c.current_version_fk)
+                          .join(series, series.c.id == i.c.series_fk)
+                          .join(study, study.c.id == series.c.study_fk))
+             .where(study.c.study_uid == study_uid))
+        if series_uid is not None:
+            q = q.where(series.c.series_uid == series_uid)
+        if sop_uid is not None:
+            q = q.where(i.c.sop_uid == sop_uid)
+        # NULL instance numbers last on both engines
+        q = q.order_by(series.c.id, i.c.instance_number.is_(None), i.c.instance_number, i.c.id)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=100).execute(q)
+            for row in result:
+                yield _stored(row), (row.dicom_json if with_json else "")
+
+    def current_json(self, sop_uid: str) -> str:
+        """The DICOM JSON text of the current version of an instance."""
+        q = (select(version.c.dicom_json)
+             .select_from(instance.join(version, version.c.id == instance.c.current_version_fk))
+             .where(instance.c.sop_uid == sop_uid))
+        with self.engine.connect() as conn:
+            text = conn.execute(q).scalar()
+        if text is None:
+            raise NotFound(f"no instance {sop_uid}")
+        return str(text)
+
+    def scope_stamp(self, study_uid: str, series_uid: str | None = None,
+                    sop_uid: str | None = None) -> tuple[int, int, datetime | None]:
+        """(number of current instances, highest current version id, latest arrival).
+
+        Any store, correction or promotion in the scope changes it: a cheap validator
+        for ETag and conditional requests.
+        """
+        i, v = instance, version
+        q = (select(func.count(), func.coalesce(func.max(v.c.id), 0), func.max(v.c.received_at))
+             .select_from(i.join(v, v.c.id == i.c.current_version_fk)
+                          .join(series, series.c.id == i.c.series_fk)
+                          .join(study, study.c.id == series.c.study_fk))
+             .where(study.c.study_uid == study_uid))
+        if series_uid is not None:
+            q = q.where(series.c.series_uid == series_uid)
+        if sop_uid is not None:
+            q = q.where(i.c.sop_uid == sop_uid)
+        with self.engine.connect() as conn:
+            n, top, last = conn.execute(q).one()
+        return int(n), int(top), datetime.fromisoformat(last) if last else None
+
     def versions(
         self, state: VersionState | None = None, sop_uid: str | None = None
     ) -> list[VersionInfo]:

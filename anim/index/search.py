@@ -31,7 +31,7 @@ from sqlalchemy import (
 
 from anim.errors import InvalidQuery
 from anim.index.schema import instance, patient, series, study, version
-from anim.query import INDEXED, Level, Query, vr_of
+from anim.query import INDEXED, Level, Query, level_of_tag, vr_of
 
 _ESC = "!"
 
@@ -271,9 +271,13 @@ def run(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
             out[_tag(k)] = _json_value(vr_of(k), m[k])
         if want_sop_classes:
             out[_tag("SOPClassesInStudy")] = {"vr": "UI", "Value": _sop_classes(conn, m["_id"])}
-        if extra:
+        if extra or q.include_all:
             meta = _representative_json(conn, q.level, m["_id"])
             for k in extra:
                 t = _tag(k)
                 out[t] = meta.get(t, {"vr": vr_of(k)})
+            if q.include_all:
+                for t, v in meta.items():
+                    if t not in out and level_of_tag(int(t, 16)).depth <= q.level.depth:
+                        out[t] = v
         yield dict(sorted(out.items()))

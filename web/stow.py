@@ -1,0 +1,192 @@
+"""STOW-RS (PS3.18 10.5): store instances sent as multipart/related application/dicom.
+
+The body is read as a stream, part by part; each part is spooled (to disk above a
+few MB) and goes through the same ``Archive.store`` as a C-STORE, so dedup,
+correction, quarantine and durability are the same. Only one part is in memory at a
+time: a STOW of any size holds at most its largest instance.
+
+Response (PS3.18 10.5.3): 200 when every instance is stored, 202 when some failed or
+carry a warning, 409 when none could be stored; the body is the Store Instances
+Response Module as DICOM JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, web
+
+from anim import (
+    AnimError,
+    Archive,
+    InvalidInstance,
+    Source,
+    StorageUnavailable,
+    StoreOutcome,
+    StoreResult,
+    StudyMismatch,
+)
+from anim.dicomfile import parse
+from web import urls
+from web.errors import fail
+from web.keys import archive_key, config_key, run_sync
+from web.media import DICOM
+
+log = logging.getLogger(__name__)
+
+SPOOL_MEMORY = 8 << 20
+READ_CHUNK = 1 << 20
+
+# Failure reasons (PS3.18 10.5.3, from the C-STORE statuses of PS3.4 B.2.3)
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900  # also used for an instance of another study than the target
+CANNOT_UNDERSTAND = 0xC000
+COERCED = 0xB000  # warning: kept, but not as the current version (quarantine)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_part(part: BodyPartReader, budget: int) -> tuple[bytes, int]:
+    """The part's bytes (spooled while reading) and the bytes left in the budget."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY) as spool:
+        while chunk := await part.read_chunk(READ_CHUNK):
+            budget -= len(chunk)
+            if budget < 0:
+                raise _TooLarge
+            spool.write(chunk)
+        spool.seek(0)
+        return spool.read(), budget
+
+
+def _store(archive: Archive, data: bytes, source: Source, study: str | None) -> StoreResult:
+    return archive.store(data, source, expect_study=study)
+
+
+def _failure_reason(e: AnimError) -> int:
+    if isinstance(e, StudyMismatch):
+        return DOES_NOT_MATCH
+    if isinstance(e, StorageUnavailable):
+        return OUT_OF_RESOURCES
+    if isinstance(e, InvalidInstance):
+        return CANNOT_UNDERSTAND
+    return PROCESSING_FAILURE
+
+
+def _uids_of(data: bytes) -> tuple[str, str]:
+    """Best-effort SOP Class/Instance UIDs of a part that failed, for the response."""
+    try:
+        ds = parse(data).dataset
+        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+    except Exception:
+        return "", ""
+
+
+def _item(sop_class: str, sop_uid: str) -> dict[str, Any]:
+    def ui(v: str) -> dict[str, Any]:
+        return {"vr": "UI", "Value": [v]} if v else {"vr": "UI"}
+
+    return {"00081150": ui(sop_class), "00081155": ui(sop_uid)}
+
+
+class _Response:
+    def __init__(self, base: str, study: str | None) -> None:
+        self.base = base
+        self.study = study
+        self.stored: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+        self.warned = False
+
+    def ok(self, result: StoreResult) -> None:
+        item = _item(result.sop_class_uid, result.sop_instance_uid)
+        item["00081190"] = {"vr": "UR", "Value": [urls.instance_url(
+            self.base, result.study_instance_uid, result.series_instance_uid,
+            result.sop_instance_uid)]}
+        if result.outcome is StoreOutcome.QUARANTINED:
+            # kept aside (same UID, other content, other institution): a warning
+            item["00081196"] = {"vr": "US", "Value": [COERCED]}
+            self.warned = True
+        self.stored.append(item)
+
+    def fail(self, data: bytes, reason: int, why: str) -> None:
+        sop_class, sop_uid = _uids_of(data)
+        item = _item(sop_class, sop_uid)
+        item["00081197"] = {"vr": "US", "Value": [reason]}
+        item["00090010"] = {"vr": "LO", "Value": ["ANIM"]}  # private creator
+        item["00091001"] = {"vr": "LT", "Value": [why[:1024]]}  # the reason, in words
+        self.failed.append(item)
+
+    def status(self) -> int:
+        if not self.stored and self.failed:
+            return 409
+        if self.failed or self.warned:
+            return 202
+        return 200
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.study is not None:
+            out["00081190"] = {"vr": "UR", "Value": [urls.study_url(self.base, self.study)]}
+        if self.failed:
+            out["00081198"] = {"vr": "SQ", "Value": self.failed}
+        if self.stored:
+            out["00081199"] = {"vr": "SQ", "Value": self.stored}
+        return out
+
+
+async def store(request: web.Request) -> web.Response:
+    """POST /studies and /studies/{study}."""
+    ctype = request.content_type.lower()
+    ptype = request.headers.get("Content-Type", "").lower().replace('"', "")
+    if ctype != "multipart/related" or (
+            "type=" in ptype and f"type={DICOM}" not in ptype.replace(" ", "")):
+        fail(415, f"STOW-RS takes multipart/related; type=\"{DICOM}\", not {ctype or 'none'}")
+    cfg = request.app[config_key]
+    if request.content_length is not None and request.content_length > cfg.max_stow_bytes:
+        fail(413, f"the body ({request.content_length} bytes) is larger than this archive "
+                  f"accepts in one request ({cfg.max_stow_bytes}); send fewer instances")
+    study = request.match_info.get("study")
+    resp = _Response(urls.root(request), study)
+    source = Source(institution=cfg.institution, host=request.remote or "", protocol="stow")
+    try:
+        reader = await request.multipart()
+        await _store_parts(request, reader, resp, source, study, cfg.max_stow_bytes)
+    except _TooLarge:
+        fail(413, f"the body is larger than this archive accepts in one request "
+                  f"({cfg.max_stow_bytes} bytes); instances before the limit were stored")
+    except (ValueError, AssertionError, RuntimeError) as e:
+        # aiohttp's multipart reader: missing boundary, bad framing, cut-off body
+        stored = len(resp.stored)
+        fail(400, f"broken multipart body: {e}; {stored} instance(s) before it were stored")
+    if not resp.stored and not resp.failed:
+        fail(400, "the multipart body has no parts")
+    return web.Response(status=resp.status(), text=json.dumps(resp.body()),
+                        content_type="application/dicom+json")
+
+
+async def _store_parts(request: web.Request, reader: MultipartReader, resp: _Response,
+                       source: Source, study: str | None, budget: int) -> None:
+    archive = request.app[archive_key]
+    while True:
+        part = await reader.next()
+        if part is None:
+            return
+        if not isinstance(part, BodyPartReader):
+            raise ValueError("nested multipart parts are not DICOM instances")
+        data, budget = await _read_part(part, budget)
+        ptype = (part.headers.get("Content-Type") or DICOM).split(";")[0].strip().lower()
+        if ptype != DICOM:
+            resp.fail(data, CANNOT_UNDERSTAND, f"a part of type {ptype} is not {DICOM}")
+            continue
+        try:
+            result = await run_sync(request, _store, archive, data, source, study)
+        except AnimError as e:
+            log.warning("STOW part refused from %s: %s", source.host, e)
+            resp.fail(data, _failure_reason(e), str(e))
+            continue
+        resp.ok(result)

@@ -1,0 +1,104 @@
+"""Bridges from the synchronous archive to streamed HTTP responses.
+
+A generator that reads the database or blobs runs on one executor thread from start
+to end (a database cursor must stay on the thread that opened it); its items cross
+to the event loop through a small bounded queue, so memory holds a few chunks
+whatever the size of the study, and a slow client slows the reader down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from web.keys import executor_key
+
+T = TypeVar("T")
+_DONE = object()
+QUEUE_DEPTH = 4
+
+
+class _Stopped(Exception):
+    """The consumer went away (client disconnected): stop producing."""
+
+
+class _Producer:
+    """Runs the generator on its thread, handing items over to the loop's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gen: Iterator[Any]) -> None:
+        self.loop = loop
+        self.gen = gen
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(QUEUE_DEPTH)
+        self.stop = threading.Event()
+
+    def put(self, item: Any) -> None:
+        # blocks this thread until the loop has room: back-pressure from the client
+        fut = asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
+        while True:
+            try:
+                fut.result(timeout=1.0)
+                return
+            except TimeoutError:
+                if self.stop.is_set():
+                    fut.cancel()
+                    raise _Stopped from None
+
+    def run(self) -> None:
+        try:
+            for item in self.gen:
+                self.put(item)
+                if self.stop.is_set():
+                    return
+            self.put(_DONE)
+        except _Stopped:
+            return
+        except Exception as e:  # handed to the consumer, which re-raises it
+            with contextlib.suppress(Exception):
+                self.put(e)
+        finally:
+            close = getattr(self.gen, "close", None)
+            if close is not None:
+                close()  # releases the database connection the generator holds
+
+
+async def iterate_sync(request: web.Request, gen_fn: Callable[..., Iterator[T]],
+                       *args: Any) -> AsyncIterator[T]:
+    """Yield the items of ``gen_fn(*args)``, produced on an executor thread."""
+    loop = asyncio.get_running_loop()
+    producer = _Producer(loop, gen_fn(*args))
+    task = loop.run_in_executor(request.app[executor_key], producer.run)
+    try:
+        while True:
+            item = await producer.queue.get()
+            if item is _DONE:
+                break
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        producer.stop.set()
+        while not producer.queue.empty():  # unblock a producer waiting on a full queue
+            producer.queue.get_nowait()
+        with contextlib.suppress(Exception):
+            await task
+
+
+def boundary() -> str:
+    return uuid.uuid4().hex
+
+
+def part_head(bnd: str, content_type: str, location: str | None = None) -> bytes:
+    head = f"--{bnd}\r\nContent-Type: {content_type}\r\n"
+    if location:
+        head += f"Content-Location: {location}\r\n"
+    return (head + "\r\n").encode()
+
+
+def closing(bnd: str) -> bytes:
+    return f"--{bnd}--\r\n".encode()

@@ -1,0 +1,296 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
+
+Everything streams: a study goes out blob by blob through a bounded queue (see
+``web.streaming``), metadata instance by instance from the JSON computed at ingest.
+
+Transfer syntaxes (PS3.18 8.7.3.5): ``transfer-syntax=*`` returns what is stored,
+byte for byte; no parameter means Explicit VR Little Endian (the default of
+``application/dicom`` and ``application/octet-stream``), decoded where the stored
+object is compressed; any other syntax is served only if it is the stored one, else
+406. A study whose instances cannot all be served in an acceptable syntax is 406
+before anything is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from email.utils import format_datetime
+from typing import Any
+
+from aiohttp import web
+
+from anim import Archive, NotAcceptable, NotFound, StoredInstance, pixels, transcode
+from web import urls
+from web.errors import fail
+from web.keys import archive_key, run_sync
+from web.media import DICOM, EXPLICIT_LE, MULTIPART, OCTET, MediaRange, parse_accept
+from web.streaming import boundary, closing, iterate_sync, part_head
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
+NATIVE_LE = (EXPLICIT_LE, IMPLICIT_LE)
+_PIXEL_TAGS = ("7FE00010", "7FE00008", "7FE00009")
+
+
+def _uids(request: web.Request) -> tuple[str, str | None, str | None]:
+    m = request.match_info
+    return m["study"], m.get("series"), m.get("instance")
+
+
+def _scope_name(study: str, series: str | None, sop: str | None) -> str:
+    if sop is not None:
+        return f"instance {sop} in series {series} of study {study}"
+    if series is not None:
+        return f"series {series} in study {study}"
+    return f"study {study}"
+
+
+def _list_instances(archive: Archive, study: str, series: str | None,
+                    sop: str | None) -> list[StoredInstance]:
+    return [inst for inst, _ in archive.scoped(study, series, sop)]
+
+
+async def instances_in_scope(request: web.Request) -> list[StoredInstance]:
+    """The current instances the path names, in reading order; 404 if none."""
+    study, series, sop = _uids(request)
+    found = await run_sync(request, _list_instances, request.app[archive_key],
+                           study, series, sop)
+    if not found:
+        fail(404, f"no {_scope_name(study, series, sop)}")
+    return found
+
+
+# ---- instances ------------------------------------------------------------------------
+
+
+def _target_for(r: MediaRange, stored: str) -> str | bool | None:
+    """The syntax *r* asks an instance in *stored* be sent in: None = as stored,
+    False = this range cannot serve it."""
+    if not (r.type in ("*/*", "multipart/*", MULTIPART, DICOM)
+            and r.part_type in ("", DICOM, "*/*")):
+        return False
+    ts = r.transfer_syntax
+    if ts is None:
+        # */* alone: the cheapest acceptable answer, the stored bytes
+        ts = "*" if r.type in ("*/*", "multipart/*") and not r.part_type else EXPLICIT_LE
+    if ts == "*" or ts == stored:
+        return None
+    if ts in UNCOMPRESSED:
+        return ts
+    return False
+
+
+def plan_syntaxes(ranges: list[MediaRange], insts: list[StoredInstance]
+                  ) -> list[tuple[StoredInstance, str | None]]:
+    plan: list[tuple[StoredInstance, str | None]] = []
+    for inst in insts:
+        for r in ranges:
+            target = _target_for(r, inst.transfer_syntax)
+            if target is not False:
+                plan.append((inst, target if isinstance(target, str) else None))
+                break
+        else:
+            raise NotAcceptable(
+                f"instance {inst.sop_instance_uid} is stored in {inst.transfer_syntax}, which "
+                f"can be sent as stored (transfer-syntax=*) or as {EXPLICIT_LE}; "
+                f"the Accept header allows neither")
+    return plan
+
+
+def _multipart_dicom(archive: Archive, plan: list[tuple[StoredInstance, str | None]],
+                     bnd: str) -> Iterator[bytes]:
+    for inst, target in plan:
+        ts = target or inst.transfer_syntax
+        yield part_head(bnd, f"{DICOM}; transfer-syntax={ts}")
+        yield from archive.iter_part10(inst, target)
+        yield b"\r\n"
+    yield closing(bnd)
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    """Study, series or instance as multipart/related; type="application/dicom"."""
+    ranges = parse_accept(request.headers.get("Accept"))
+    insts = await instances_in_scope(request)
+    plan = plan_syntaxes(ranges, insts)
+    bnd = boundary()
+    resp = web.StreamResponse(headers={
+        "Content-Type": f'{MULTIPART}; type="{DICOM}"; boundary={bnd}'})
+    await resp.prepare(request)
+    async for chunk in iterate_sync(request, _multipart_dicom, request.app[archive_key],
+                                    plan, bnd):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+# ---- metadata -------------------------------------------------------------------------
+
+
+def _json_chunks(archive: Archive, study: str, series: str | None, sop: str | None,
+                 base: str) -> Iterator[bytes]:
+    batch: list[str] = []
+    first = True
+    for _, text in archive.scoped(study, series, sop, with_json=True):
+        batch.append(text)
+        if len(batch) == 64:
+            yield _piece(batch, first, base)
+            first, batch = False, []
+    if batch or first:
+        yield _piece(batch, first, base)
+    yield b"]"
+
+
+def _piece(batch: list[str], first: bool, base: str) -> bytes:
+    text = ",".join(batch)
+    return (("[" if first else ",") + urls.absolute_bulk(text, base)).encode()
+
+
+async def metadata(request: web.Request) -> web.StreamResponse:
+    """PS3.18 10.4.1.1.2: the DICOM JSON of every instance, from the index alone."""
+    study, series, sop = _uids(request)
+    archive = request.app[archive_key]
+    n, top, last = await run_sync(request, archive.index.scope_stamp, study, series, sop)
+    if n == 0:
+        fail(404, f"no {_scope_name(study, series, sop)}")
+    base = urls.root(request)
+    # the validator changes with any store, correction or promotion in the scope, and
+    # with the base URL the BulkDataURIs are written with
+    etag = f'"{n}-{top}-{abs(hash(base)) % 10**8}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if last is not None:
+        headers["Last-Modified"] = format_datetime(last, usegmt=True)
+    if _not_modified(request, etag, last):
+        return web.Response(status=304, headers=headers)
+    resp = web.StreamResponse(headers=headers)
+    resp.content_type = "application/dicom+json"
+    resp.enable_compression()
+    await resp.prepare(request)
+    async for chunk in iterate_sync(request, _json_chunks, archive, study, series, sop, base):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+def _not_modified(request: web.Request, etag: str, last: Any) -> bool:
+    inm = request.headers.get("If-None-Match")
+    if inm is not None:
+        return etag in [t.strip().removeprefix("W/") for t in inm.split(",")] or inm == "*"
+    ims = request.if_modified_since
+    return ims is not None and last is not None and last.replace(microsecond=0) <= ims
+
+
+# ---- frames ---------------------------------------------------------------------------
+
+
+def parse_frame_list(text: str) -> list[int]:
+    try:
+        numbers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or any(n < 1 for n in numbers):
+        fail(400, f"frame list {text!r}: expected comma-separated frame numbers from 1")
+    return numbers
+
+
+def _frame_choice(ranges: list[MediaRange], stored: str) -> tuple[str, bool, bool]:
+    """(part media type, decode to Explicit VR LE?, single part?) for the frames."""
+    native = stored in NATIVE_LE
+    compressed_type = pixels.frame_media_type(stored)
+    for r in ranges:
+        single = r.type not in (MULTIPART, "*/*", "multipart/*")
+        part = r.type if single else (r.part_type or OCTET)
+        ts = r.transfer_syntax
+        if part in (OCTET, "*/*"):
+            if ts == "*" or ts == stored or (native and ts in (None, EXPLICIT_LE)):
+                return OCTET, False, single
+            if ts in (None, EXPLICIT_LE):
+                return OCTET, True, single
+        elif part == compressed_type and ts in (None, "*", stored):
+            return part, False, single
+    raise NotAcceptable(
+        f"the frames are stored in {stored} ({compressed_type}); they can be sent as "
+        f"stored (transfer-syntax=*) or decoded as {OCTET} in {EXPLICIT_LE}")
+
+
+def _frames(archive: Archive, inst: StoredInstance, numbers: list[int],
+            decode: bool) -> list[bytes]:
+    meta = archive.instance_json(inst.sop_instance_uid)
+    if decode:
+        data = b"".join(archive.iter_bytes(inst))
+        return pixels.decoded_frames(data, inst.transfer_syntax, numbers)
+    return pixels.stored_frames(archive.blobs.open, inst, meta, numbers)
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    """PS3.18 10.4.1.1.6: frames of one instance, stored or decoded."""
+    numbers = parse_frame_list(request.match_info["frames"])
+    inst = (await instances_in_scope(request))[0]
+    ranges = parse_accept(request.headers.get("Accept"))
+    part_type, decode, single = _frame_choice(ranges, inst.transfer_syntax)
+    data = await run_sync(request, _frames, request.app[archive_key], inst, numbers, decode)
+    ts = EXPLICIT_LE if decode else inst.transfer_syntax
+    ctype = f"{part_type}; transfer-syntax={ts}"
+    if single:
+        if len(data) != 1:
+            fail(406, "a single-part response carries one frame; ask for multipart/related")
+        return web.Response(body=data[0], headers={"Content-Type": ctype})
+    return await _send_parts(request, part_type, ctype, data)
+
+
+async def _send_parts(request: web.Request, part_type: str, ctype: str,
+                      parts: list[bytes]) -> web.Response:
+    bnd = boundary()
+    body = bytearray()
+    for p in parts:
+        body += part_head(bnd, ctype)
+        body += p
+        body += b"\r\n"
+    body += closing(bnd)
+    return web.Response(body=bytes(body), headers={
+        "Content-Type": f'{MULTIPART}; type="{part_type}"; boundary={bnd}'})
+
+
+# ---- bulk data ------------------------------------------------------------------------
+
+
+def _bulk(archive: Archive, inst: StoredInstance, tag: str) -> tuple[list[bytes], str]:
+    meta = archive.instance_json(inst.sop_instance_uid)
+    if tag in _PIXEL_TAGS and tag in meta:
+        if inst.transfer_syntax in NATIVE_LE and len(inst.blob_keys) > 1:
+            return [archive.read_blob(inst.blob_keys[1])], EXPLICIT_LE
+        n = int((meta.get("00280008", {}).get("Value") or [1])[0] or 1)
+        return (pixels.stored_frames(archive.blobs.open, inst, meta, list(range(1, n + 1))),
+                inst.transfer_syntax)
+    ds = transcode.read(b"".join(archive.iter_bytes(inst)), inst.transfer_syntax)
+    elem = _find_element(ds, int(tag, 16))
+    if elem is None or not isinstance(elem.value, bytes | bytearray):
+        raise NotFound(f"instance {inst.sop_instance_uid} has no bulk data element {tag}")
+    return [bytes(elem.value)], inst.transfer_syntax
+
+
+def _find_element(ds: Any, tag: int) -> Any:
+    if tag in ds:
+        return ds[tag]
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                found = _find_element(item, tag)
+                if found is not None:
+                    return found
+    return None
+
+
+async def bulkdata(request: web.Request) -> web.StreamResponse:
+    """PS3.18 10.4.1.1.5: the value a BulkDataURI of the metadata points at."""
+    tag = request.match_info["tag"].upper()
+    if len(tag) != 8 or any(c not in "0123456789ABCDEF" for c in tag):
+        fail(400, f"bulk data tag {tag!r}: expected 8 hexadecimal digits")
+    inst = (await instances_in_scope(request))[0]
+    ranges = parse_accept(request.headers.get("Accept"))
+    if not any(r.matches(OCTET) or (r.type in (MULTIPART, "multipart/*", "*/*")
+                                     and r.part_type in ("", OCTET, "*/*"))
+               for r in ranges):
+        fail(406, f"bulk data is sent as {MULTIPART}; type={OCTET}")
+    parts, ts = await run_sync(request, _bulk, request.app[archive_key], inst, tag)
+    ctype = f"{OCTET}; transfer-syntax={ts}"
+    return await _send_parts(request, OCTET, ctype, parts)
