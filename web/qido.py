@@ -124,8 +124,10 @@ def build_query(params: MultiDictProxy[str], level: Level, path: dict[str, str],
         match[kw] = _merge(match.get(kw), _value(kw, raw, multiple))
     for kw, value in match.items():
         _check_key(kw, value, level)
-    return_keys = default_keys(level, "StudyInstanceUID" in path,
-                               "SeriesInstanceUID" in path) + tuple(includes)
+    # InstanceAvailability is the server's to say, not the index's: added per result
+    return_keys = tuple(k for k in default_keys(level, "StudyInstanceUID" in path,
+                                                "SeriesInstanceUID" in path) + tuple(includes)
+                        if k != "InstanceAvailability")
     # one more than asked, to know whether the server limit cut the results
     query = Query(level=level, match=match, return_keys=return_keys,
                   limit=server_limit + 1, offset=offset, include_all=include_all)
@@ -184,8 +186,7 @@ def _decorate(row: dict[str, Any], level: Level, base: str) -> None:
         v = row.get(f"{tag_for_keyword(kw):08X}", {}).get("Value", [""])
         return str(v[0]) if v else ""
 
-    if _AVAILABILITY in row:
-        row[_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    row[_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
     st = uid("StudyInstanceUID")
     if level is Level.STUDY:
         url = urls.study_url(base, st)

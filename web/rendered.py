@@ -8,11 +8,9 @@ viewer's thumbnail would show it. Rendering is CPU work: it runs on the executor
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
-from anim import Archive, StoredInstance
+from anim import Archive, StoredInstance, render
 from web.errors import fail
 from web.keys import archive_key, run_sync
 from web.wado import instances_in_scope, parse_frame_list
@@ -23,15 +21,12 @@ def _representative(insts: list[StoredInstance]) -> StoredInstance:
 
 
 def _render(archive: Archive, inst: StoredInstance, frame: int,
-            params: Any) -> bytes:
-    from anim import render
-
-    return render.render(b"".join(archive.iter_bytes(inst)), frame, params)
+            params: render.RenderParams) -> bytes:
+    return render.render(b"".join(archive.iter_bytes(inst)), frame, params,
+                         transfer_syntax=inst.transfer_syntax)
 
 
 async def _answer(request: web.Request, thumbnail: bool) -> web.Response:
-    from anim import render  # TEMP lazy until anim/render.py lands
-
     params = render.RenderParams.parse(request.query, request.headers.get("Accept", ""),
                                        thumbnail=thumbnail)
     insts = await instances_in_scope(request)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from io import BytesIO
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from pydicom import dcmread
 
 from anim import (
     AnimError,
@@ -29,7 +31,6 @@ from anim import (
     StoreResult,
     StudyMismatch,
 )
-from anim.dicomfile import parse
 from web import urls
 from web.errors import fail
 from web.keys import archive_key, config_key, run_sync
@@ -81,9 +82,10 @@ def _failure_reason(e: AnimError) -> int:
 def _uids_of(data: bytes) -> tuple[str, str]:
     """Best-effort SOP Class/Instance UIDs of a part that failed, for the response."""
     try:
-        ds = parse(data).dataset
-        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
-    except Exception:
+        ds = dcmread(BytesIO(data), force=True, stop_before_pixels=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+    except Exception:  # not DICOM at all: the item names no instance
         return "", ""
 
 
