@@ -220,6 +220,7 @@ def _make_handler(level: Level, path_keys: tuple[str, ...]) -> Any:
                             f"requested with offset.")
         for row in rows:
             _decorate(row, level, base)
+        rows = [dict(sorted(row.items())) for row in rows]  # F.2: in tag order
         body = urls.absolute_bulk(json.dumps(rows, separators=(",", ":"),
                                              ensure_ascii=False), base)
         resp = web.Response(text=body, content_type="application/dicom+json")
