@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Collection
 from io import BytesIO
 
+import numpy as np
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -49,6 +50,15 @@ def read(data: bytes, stored_ts: str) -> Dataset:
     return ds
 
 
+def _swap_words(raw: bytes, bits_allocated: int) -> bytes:
+    width = bits_allocated // 8
+    if width <= 1:
+        return raw
+    n = len(raw) // width * width
+    arr = np.frombuffer(raw[:n], dtype=f">u{width}")
+    return arr.astype(f"<u{width}").tobytes() + raw[n:]
+
+
 def to_uncompressed(ds: Dataset, target: str) -> Dataset:
     """Decode *ds* in place to *target* (an uncompressed little endian syntax).
 
@@ -64,8 +74,9 @@ def to_uncompressed(ds: Dataset, target: str) -> Dataset:
             ds.decompress(generate_instance_uid=False)
         elif ts == ExplicitVRBigEndian:
             if "PixelData" in ds:
-                arr = ds.pixel_array
-                ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+                # swap the raw value word by word: pixel_array would unpack 1-bit data
+                # and interleave planar colour, changing what the attributes describe
+                ds.PixelData = _swap_words(ds.PixelData, int(ds.get("BitsAllocated", 8) or 8))
             ds.set_original_encoding(False, True, ds.original_character_set)
         elif ts == DeflatedExplicitVRLittleEndian:
             ds.set_original_encoding(False, True, ds.original_character_set)

@@ -194,11 +194,12 @@ def parse_frame_list(text: str) -> list[int]:
 
 def _frame_choice(ranges: list[MediaRange], stored: str) -> tuple[str, bool, bool]:
     """(part media type, decode to Explicit VR LE?, single part?) for the frames."""
-    native = stored in NATIVE_LE
+    native = pixels.frames_are_native(stored)
     compressed_type = pixels.frame_media_type(stored)
     for r in ranges:
         single = r.type not in (MULTIPART, "*/*", "multipart/*")
         part = r.type if single else (r.part_type or OCTET)
+        part = pixels.MEDIA_TYPE_ALIASES.get(part, part)
         ts = r.transfer_syntax
         if part in (OCTET, "*/*"):
             if ts == "*" or ts == stored or (native and ts in (None, EXPLICIT_LE)):
