@@ -38,8 +38,13 @@ async def _answer(request: web.Request, thumbnail: bool) -> web.Response:
         frame = numbers[0]
     inst = insts[0] if "instance" in request.match_info else _representative(insts)
     body = await run_sync(request, _render, request.app[archive_key], inst, frame, params)
-    return web.Response(body=body, content_type=params.media_type,
+    resp = web.Response(body=body, content_type=params.media_type,
                         headers={"Cache-Control": "private, max-age=3600"})
+    for name in params.ignored:
+        # PS3.18 8.3.5.1: a rendering parameter the server does not support is ignored
+        resp.headers.add("Warning", f'299 anim "The {name} parameter is not supported '
+                                    f'and was ignored."')
+    return resp
 
 
 async def rendered(request: web.Request) -> web.Response:

@@ -200,12 +200,18 @@ def _from(level: Level) -> Any:
     return j
 
 
-def build(q: Query) -> tuple[Select[Any], list[str]]:
-    """The SELECT for *q* and the keywords its columns hold, in order."""
+def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
+    """The SELECT for *q* and the keywords its columns hold, in order.
+
+    *with_json* (IMAGE level): also the instance's stored DICOM JSON, as ``_json``.
+    """
     keys = [k for k in q.keys if k in INDEXED and INDEXED[k].depth <= q.level.depth
             and k != "SOPClassesInStudy"]
     cols = [_column(k).label(k) for k in keys]
     stmt = select(_ID[q.level].label("_id"), *cols).select_from(_from(q.level))
+    if with_json:
+        stmt = stmt.add_columns(version.c.dicom_json.label("_json")).join(
+            version, version.c.id == instance.c.current_version_fk)
     matching = q.matching
     for kw, value in matching.items():
         stmt = stmt.where(condition(kw, value, alone=len(matching) == 1))
@@ -260,8 +266,11 @@ def _sop_classes(conn: Connection, study_id: int) -> list[str]:
 
 def run(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
     """Stream the matches of *q* as DICOM JSON objects, in a stable order."""
-    stmt, keys = build(q)
+    keys = build(q)[1]
     extra = [k for k in q.keys if k not in keys and k != "SOPClassesInStudy"]
+    # an instance's own metadata comes in the same query; above it, one per entity
+    inline = q.level is Level.IMAGE and bool(extra or q.include_all)
+    stmt, keys = build(q, with_json=inline)
     want_sop_classes = "SOPClassesInStudy" in q.keys and q.level is Level.STUDY
     result = conn.execution_options(stream_results=True, yield_per=200).execute(stmt)
     for row in result:
@@ -272,7 +281,8 @@ def run(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
         if want_sop_classes:
             out[_tag("SOPClassesInStudy")] = {"vr": "UI", "Value": _sop_classes(conn, m["_id"])}
         if extra or q.include_all:
-            meta = _representative_json(conn, q.level, m["_id"])
+            meta = (json.loads(m["_json"]) if inline
+                    else _representative_json(conn, q.level, m["_id"]))
             for k in extra:
                 t = _tag(k)
                 out[t] = meta.get(t, {"vr": vr_of(k)})
