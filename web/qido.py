@@ -19,7 +19,6 @@ Choices where the standard leaves room:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -29,9 +28,8 @@ from pydicom.datadict import tag_for_keyword
 from anim import Archive, InvalidQuery, Level, Query
 from anim.query import INDEXED, UNIQUE_KEY, keyword_of, vr_of
 from web import urls
-from web.keys import archive_key, config_key
+from web.keys import archive_key, config_key, run_sync
 from web.media import parse_accept, wants_json
-from web.streaming import iterate_sync
 
 # PS3.18 Tables 10.6.3-3, -4 and -5: the attributes every result carries
 STUDY_KEYS = (
@@ -177,8 +175,9 @@ def _check_key(kw: str, value: str, level: Level) -> None:
             f"{_NAMES[level]} level{hint}")
 
 
-def _run(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
-    yield from archive.find(query)
+def _run(archive: Archive, query: Query) -> list[dict[str, Any]]:
+    # results are capped by the server limit: one executor call for the whole page
+    return list(archive.find(query))
 
 
 def _decorate(row: dict[str, Any], level: Level, base: str) -> None:
@@ -209,10 +208,8 @@ def _make_handler(level: Level, path_keys: tuple[str, ...]) -> Any:
         query, warnings, server_limit = build_query(request.query, level, path,
                                                     cfg.qido_max_results)
         base = urls.root(request)
-        rows: list[dict[str, Any]] = []
         # the engine's ORDER BY is the entity's id: paging never repeats or skips
-        async for row in iterate_sync(request, _run, request.app[archive_key], query):
-            rows.append(row)
+        rows = await run_sync(request, _run, request.app[archive_key], query)
         if len(rows) > server_limit:
             rows = rows[:server_limit]
             warnings.append(f"The number of results exceeded the maximum supported by "

@@ -12,9 +12,11 @@ Response Module as DICOM JSON.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
@@ -49,8 +51,22 @@ CANNOT_UNDERSTAND = 0xC000
 COERCED = 0xB000  # warning: kept, but not as the current version (quarantine)
 
 
+IN_FLIGHT = 4  # parts being stored at once per request (each held in memory meanwhile)
+
+
 class _TooLarge(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    sop_class: str
+    sop_uid: str
+    reason: int
+    why: str
+
+
+_Outcome = StoreResult | _Failure
 
 
 async def _read_part(part: BodyPartReader, budget: int) -> tuple[bytes, int]:
@@ -115,12 +131,11 @@ class _Response:
             self.warned = True
         self.stored.append(item)
 
-    def fail(self, data: bytes, reason: int, why: str) -> None:
-        sop_class, sop_uid = _uids_of(data)
-        item = _item(sop_class, sop_uid)
-        item["00081197"] = {"vr": "US", "Value": [reason]}
+    def fail(self, f: _Failure) -> None:
+        item = _item(f.sop_class, f.sop_uid)
+        item["00081197"] = {"vr": "US", "Value": [f.reason]}
         item["00090010"] = {"vr": "LO", "Value": ["ANIM"]}  # private creator
-        item["00091001"] = {"vr": "LT", "Value": [why[:1024]]}  # the reason, in words
+        item["00091001"] = {"vr": "LT", "Value": [f.why[:1024]]}  # the reason, in words
         self.failed.append(item)
 
     def status(self) -> int:
@@ -173,22 +188,43 @@ async def store(request: web.Request) -> web.Response:
 
 async def _store_parts(request: web.Request, reader: MultipartReader, resp: _Response,
                        source: Source, study: str | None, budget: int) -> None:
+    """Read parts while earlier ones are stored: up to IN_FLIGHT stores overlap, so the
+    index's group commit shares one transaction and fsync among them. The response
+    lists the parts in the order they came, and only once each store has returned."""
     archive = request.app[archive_key]
-    while True:
-        part = await reader.next()
-        if part is None:
-            return
-        if not isinstance(part, BodyPartReader):
-            raise ValueError("nested multipart parts are not DICOM instances")
-        data, budget = await _read_part(part, budget)
-        ptype = (part.headers.get("Content-Type") or DICOM).split(";")[0].strip().lower()
-        if ptype != DICOM:
-            resp.fail(data, CANNOT_UNDERSTAND, f"a part of type {ptype} is not {DICOM}")
-            continue
+    slots = asyncio.Semaphore(IN_FLIGHT)
+    pending: list[asyncio.Task[_Outcome]] = []
+
+    async def store_one(data: bytes) -> _Outcome:
         try:
-            result = await run_sync(request, _store, archive, data, source, study)
+            return await run_sync(request, _store, archive, data, source, study)
         except AnimError as e:
             log.warning("STOW part refused from %s: %s", source.host, e)
-            resp.fail(data, _failure_reason(e), str(e))
-            continue
-        resp.ok(result)
+            return _Failure(*_uids_of(data), _failure_reason(e), str(e))
+        finally:
+            slots.release()
+
+    try:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ValueError("nested multipart parts are not DICOM instances")
+            data, budget = await _read_part(part, budget)
+            ptype = (part.headers.get("Content-Type") or DICOM).split(";")[0].strip().lower()
+            if ptype != DICOM:
+                failure = _Failure(*_uids_of(data), CANNOT_UNDERSTAND,
+                                   f"a part of type {ptype} is not {DICOM}")
+                pending.append(asyncio.ensure_future(_done(failure)))
+                continue
+            await slots.acquire()
+            pending.append(asyncio.ensure_future(store_one(data)))
+    finally:
+        # whatever ends the body, the stores already started finish and are reported
+        for outcome in await asyncio.gather(*pending):
+            if isinstance(outcome, _Failure):
+                resp.fail(outcome)
+            else:
+                resp.ok(outcome)
+
+
+async def _done(outcome: _Outcome) -> _Outcome:
+    return outcome

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from web.keys import executor_key
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _DONE = object()
@@ -87,6 +90,31 @@ async def iterate_sync(request: web.Request, gen_fn: Callable[..., Iterator[T]],
             producer.queue.get_nowait()
         with contextlib.suppress(Exception):
             await task
+
+
+def coalesce(pieces: Iterator[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    """Join small pieces into chunks of about *size*: each chunk crosses threads once."""
+    buf = bytearray()
+    for p in pieces:
+        buf += p
+        if len(buf) >= size:
+            yield bytes(buf)
+            buf.clear()
+    if buf:
+        yield bytes(buf)
+
+
+async def send_stream(request: web.Request, resp: web.StreamResponse,
+                      chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Write *chunks* to a prepared response; a client hanging up is not an error."""
+    try:
+        async for chunk in chunks:
+            await resp.write(chunk)
+        await resp.write_eof()
+    except ConnectionResetError:
+        log.info("HTTP %s %s: the client closed the connection mid-response",
+                 request.method, request.path)
+    return resp
 
 
 def boundary() -> str:

@@ -24,7 +24,7 @@ from web import urls
 from web.errors import fail
 from web.keys import archive_key, run_sync
 from web.media import DICOM, EXPLICIT_LE, MULTIPART, OCTET, MediaRange, parse_accept
-from web.streaming import boundary, closing, iterate_sync, part_head
+from web.streaming import boundary, closing, coalesce, iterate_sync, part_head, send_stream
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
@@ -99,6 +99,11 @@ def plan_syntaxes(ranges: list[MediaRange], insts: list[StoredInstance]
 
 def _multipart_dicom(archive: Archive, plan: list[tuple[StoredInstance, str | None]],
                      bnd: str) -> Iterator[bytes]:
+    return coalesce(_dicom_parts(archive, plan, bnd))
+
+
+def _dicom_parts(archive: Archive, plan: list[tuple[StoredInstance, str | None]],
+                 bnd: str) -> Iterator[bytes]:
     for inst, target in plan:
         ts = target or inst.transfer_syntax
         yield part_head(bnd, f"{DICOM}; transfer-syntax={ts}")
@@ -116,11 +121,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={
         "Content-Type": f'{MULTIPART}; type="{DICOM}"; boundary={bnd}'})
     await resp.prepare(request)
-    async for chunk in iterate_sync(request, _multipart_dicom, request.app[archive_key],
-                                    plan, bnd):
-        await resp.write(chunk)
-    await resp.write_eof()
-    return resp
+    chunks = iterate_sync(request, _multipart_dicom, request.app[archive_key], plan, bnd)
+    return await send_stream(request, resp, chunks)
 
 
 # ---- metadata -------------------------------------------------------------------------
@@ -165,10 +167,8 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     resp.content_type = "application/dicom+json"
     resp.enable_compression()
     await resp.prepare(request)
-    async for chunk in iterate_sync(request, _json_chunks, archive, study, series, sop, base):
-        await resp.write(chunk)
-    await resp.write_eof()
-    return resp
+    chunks = iterate_sync(request, _json_chunks, archive, study, series, sop, base)
+    return await send_stream(request, resp, chunks)
 
 
 def _not_modified(request: web.Request, etag: str, last: Any) -> bool:
