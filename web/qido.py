@@ -26,7 +26,7 @@ from multidict import MultiDictProxy
 from pydicom.datadict import tag_for_keyword
 
 from anim import Archive, InvalidQuery, Level, Query
-from anim.query import INDEXED, UNIQUE_KEY, keyword_of, vr_of
+from anim.query import INDEXED, UNIQUE_KEY, keyword_of, level_of_tag, vr_of
 from web import urls
 from web.keys import archive_key, config_key, run_sync
 from web.media import parse_accept, wants_json
@@ -112,7 +112,8 @@ def build_query(params: MultiDictProxy[str], level: Level, path: dict[str, str],
     includes = [f.strip() for raw in params.getall("includefield", [])
                 for f in raw.split(",") if f.strip()]
     include_all = any(f.lower() == "all" for f in includes)
-    includes = [_attribute(f) for f in includes if f.lower() != "all"]
+    includes = [kw for kw in (_attribute(f) for f in includes if f.lower() != "all")
+                if _level_of(kw).depth <= level.depth]
     for name, raw in params.items():
         if name.lower() in _CONTROL:
             continue
@@ -141,6 +142,14 @@ def _option_warnings(params: MultiDictProxy[str]) -> list[str]:
         warnings.append("The emptyvaluematching parameter is not supported. "
                         "Empty values only match universal matching.")
     return warnings
+
+
+def _level_of(kw: str) -> Level:
+    """The level an attribute belongs to. An includefield of a lower level (a series'
+    Modality on /studies) is left out: one series' value would misdescribe the study,
+    and finding one costs a metadata read per result."""
+    own = INDEXED.get(kw)
+    return own if own is not None else level_of_tag(tag_for_keyword(kw) or 0)
 
 
 def _attribute(name: str) -> str:

@@ -273,11 +273,12 @@ def run(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
     stmt, keys = build(q, with_json=inline)
     want_sop_classes = "SOPClassesInStudy" in q.keys and q.level is Level.STUDY
     result = conn.execution_options(stream_results=True, yield_per=200).execute(stmt)
+    columns = [(k, _tag(k), vr_of(k)) for k in keys]  # dictionary lookups once, not per row
     for row in result:
         out: dict[str, Any] = {}
         m = row._mapping
-        for k in keys:
-            out[_tag(k)] = _json_value(vr_of(k), m[k])
+        for k, tag, vr in columns:
+            out[tag] = _json_value(vr, m[k])
         if want_sop_classes:
             out[_tag("SOPClassesInStudy")] = {"vr": "UI", "Value": _sop_classes(conn, m["_id"])}
         if extra or q.include_all:
