@@ -106,7 +106,9 @@ def build_query(params: MultiDictProxy[str], level: Level, path: dict[str, str],
     multiple = _flag(params, "multiplevaluematching")
     limit = _int(params, "limit", None)
     offset = _int(params, "offset", 0) or 0
-    server_limit = max_results if limit is None else min(limit, max_results)
+    # the server caps the answer only when the client asked for more (or for no limit)
+    capped = limit is None or limit > max_results
+    server_limit = max_results if capped else int(limit or 0)
 
     match: dict[str, str] = dict(path)
     includes = [f.strip() for raw in params.getall("includefield", [])
@@ -129,7 +131,8 @@ def build_query(params: MultiDictProxy[str], level: Level, path: dict[str, str],
                         if k != "InstanceAvailability")
     # one more than asked, to know whether the server limit cut the results
     query = Query(level=level, match=match, return_keys=return_keys,
-                  limit=server_limit + 1, offset=offset, include_all=include_all)
+                  limit=server_limit + 1 if capped else server_limit, offset=offset,
+                  include_all=include_all)
     return query, warnings, server_limit
 
 
