@@ -8,9 +8,12 @@ the web edge turns the marker into an absolute URL when it serves the JSON.
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataelem import DataElement
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from anim.dicomfile import ParsedObject
 
@@ -39,12 +42,25 @@ def instance_json(p: ParsedObject) -> str:
                 d.update(_one(elem, bulk))
             except Exception:
                 continue
+    if p.pixel_tag is None and p.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # kept whole, not split at the pixel data: look for it in the inflated set
+        for tag, vr in _deflated_pixels(p):
+            d[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{base}{tag:08X}"}
     if p.pixel_tag is not None:
         vr = _PIXEL_VR.get(p.pixel_tag)
         if vr is None:
             vr = _explicit_vr(p) or ("OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB")
         d[f"{p.pixel_tag:08X}"] = {"vr": vr, "BulkDataURI": f"{base}{p.pixel_tag:08X}"}
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+
+def _deflated_pixels(p: ParsedObject) -> list[tuple[int, str]]:
+    try:
+        full = dcmread(BytesIO(bytes(p.prefix) + bytes(p.header)), force=True)
+    except Exception:  # unreadable pixel data: the header metadata stands alone
+        return []
+    return [(tag, str(full[tag].VR)) for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
+            if tag in full]
 
 
 def _one(elem: DataElement, bulk: Any) -> dict[str, Any]:

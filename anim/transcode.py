@@ -59,6 +59,32 @@ def _swap_words(raw: bytes, bits_allocated: int) -> bytes:
     return arr.astype(f"<u{width}").tobytes() + raw[n:]
 
 
+# word size of the binary VRs whose raw bytes depend on byte order (PS3.5 7.3)
+_WORD = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _to_little_endian(ds: Dataset) -> None:
+    """Re-encode a big endian data set as little endian, in place.
+
+    Converting every element to its value (``iterall``) lets pydicom write numbers in
+    the new byte order; binary values stay raw bytes and are swapped here by word. The
+    pixel data is swapped by its BitsAllocated: pixel_array would unpack 1-bit data and
+    interleave planar colour, changing what the attributes describe.
+    """
+    for elem in ds.iterall():
+        if not isinstance(elem.value, bytes):
+            continue
+        if elem.tag == 0x7FE00010:
+            # pixel words are BitsAllocated wide; 8-bit (and 1-bit) pixels in OW still
+            # travel as byte-swapped 16-bit words (PS3.5 8.1.1, 8.2)
+            bits = int(ds.get("BitsAllocated", 8) or 8)
+            elem.value = _swap_words(elem.value, bits if bits > 8 else
+                                     16 if elem.VR == "OW" else 8)
+        elif elem.VR in _WORD:
+            elem.value = _swap_words(elem.value, 8 * _WORD[elem.VR])
+    ds.set_original_encoding(False, True, ds.original_character_set)
+
+
 def to_uncompressed(ds: Dataset, target: str) -> Dataset:
     """Decode *ds* in place to *target* (an uncompressed little endian syntax).
 
@@ -73,11 +99,7 @@ def to_uncompressed(ds: Dataset, target: str) -> Dataset:
             # the same instance in another transfer syntax: its SOP Instance UID stays
             ds.decompress(generate_instance_uid=False)
         elif ts == ExplicitVRBigEndian:
-            if "PixelData" in ds:
-                # swap the raw value word by word: pixel_array would unpack 1-bit data
-                # and interleave planar colour, changing what the attributes describe
-                ds.PixelData = _swap_words(ds.PixelData, int(ds.get("BitsAllocated", 8) or 8))
-            ds.set_original_encoding(False, True, ds.original_character_set)
+            _to_little_endian(ds)
         elif ts == DeflatedExplicitVRLittleEndian:
             ds.set_original_encoding(False, True, ds.original_character_set)
     except NotImplementedError as e:

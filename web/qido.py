@@ -232,7 +232,7 @@ def _make_handler(level: Level, path_keys: tuple[str, ...]) -> Any:
         rows = [dict(sorted(row.items())) for row in rows]  # F.2: in tag order
         body = urls.absolute_bulk(json.dumps(rows, separators=(",", ":"),
                                              ensure_ascii=False), base)
-        resp = web.Response(text=body, content_type="application/dicom+json")
+        resp = web.Response(body=body.encode(), headers={"Content-Type": "application/dicom+json"})
         for w in warnings:
             resp.headers.add("Warning", f'299 {WARN_AGENT} "{w}"')
         if len(body) > 1024:

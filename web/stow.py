@@ -21,6 +21,7 @@ from io import BytesIO
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydicom import dcmread
 
 from anim import (
@@ -176,14 +177,15 @@ async def store(request: web.Request) -> web.Response:
     except _TooLarge:
         fail(413, f"the body is larger than this archive accepts in one request "
                   f"({cfg.max_stow_bytes} bytes); instances before the limit were stored")
-    except (ValueError, AssertionError, RuntimeError) as e:
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as e:
         # aiohttp's multipart reader: missing boundary, bad framing, cut-off body
         stored = len(resp.stored)
         fail(400, f"broken multipart body: {e}; {stored} instance(s) before it were stored")
     if not resp.stored and not resp.failed:
         fail(400, "the multipart body has no parts")
-    return web.Response(status=resp.status(), text=json.dumps(resp.body()),
-                        content_type="application/dicom+json")
+    # exactly application/dicom+json, without a charset: some clients compare it whole
+    return web.Response(status=resp.status(), body=json.dumps(resp.body()).encode(),
+                        headers={"Content-Type": "application/dicom+json"})
 
 
 async def _store_parts(request: web.Request, reader: MultipartReader, resp: _Response,

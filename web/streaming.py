@@ -106,14 +106,33 @@ def coalesce(pieces: Iterator[bytes], size: int = 1 << 20) -> Iterator[bytes]:
 
 async def send_stream(request: web.Request, resp: web.StreamResponse,
                       chunks: AsyncIterator[bytes]) -> web.StreamResponse:
-    """Write *chunks* to a prepared response; a client hanging up is not an error."""
+    """Send *chunks* as the body of *resp* (not yet prepared).
+
+    The first chunk is produced before the status line goes out, so an error in the
+    first part (an instance that cannot be decoded) is still a proper HTTP error. A
+    later failure cannot change the status any more: the connection is cut, so the
+    client sees an incomplete body rather than a complete-looking one. A client
+    hanging up is not an error.
+    """
+    it = aiter(chunks)
     try:
-        async for chunk in chunks:
+        first = await anext(it)
+    except StopAsyncIteration:
+        first = b""
+    await resp.prepare(request)
+    try:
+        await resp.write(first)
+        async for chunk in it:
             await resp.write(chunk)
         await resp.write_eof()
     except ConnectionResetError:
         log.info("HTTP %s %s: the client closed the connection mid-response",
                  request.method, request.path)
+    except Exception as e:
+        log.warning("HTTP %s %s: response cut after its start: %s", request.method,
+                    request.path, e)
+        if request.transport is not None:
+            request.transport.close()
     return resp
 
 

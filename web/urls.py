@@ -15,7 +15,18 @@ def root(request: web.Request) -> str:
     public = request.app[config_key].public_url.rstrip("/")
     if public:
         return public + PREFIX
-    return f"{request.scheme}://{request.host}{PREFIX}"
+    return f"{request.scheme}://{_host(request)}{PREFIX}"
+
+
+def _host(request: web.Request) -> str:
+    """The Host header, with this socket's port when a client left it out while
+    addressing this very socket by IP (dicomweb-client sends ``Host: 127.0.0.1``).
+    A name without a port is a proxy's business: ``[web].public_url`` says it."""
+    host = request.host
+    sock = request.transport.get_extra_info("sockname") if request.transport else None
+    if sock and ":" not in host.rsplit("]", 1)[-1] and host == sock[0]:
+        return f"{host}:{sock[1]}"
+    return host
 
 
 def study_url(base: str, study: str) -> str:

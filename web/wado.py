@@ -23,10 +23,19 @@ from anim import Archive, NotAcceptable, NotFound, StoredInstance, pixels, trans
 from web import urls
 from web.errors import fail
 from web.keys import archive_key, run_sync
-from web.media import DICOM, EXPLICIT_LE, MULTIPART, OCTET, MediaRange, parse_accept
+from web.media import (
+    DICOM,
+    EXPLICIT_LE,
+    MULTIPART,
+    OCTET,
+    MediaRange,
+    parse_accept,
+    wants_json,
+)
 from web.streaming import boundary, closing, coalesce, iterate_sync, part_head, send_stream
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
 NATIVE_LE = (EXPLICIT_LE, IMPLICIT_LE)
 _PIXEL_TAGS = ("7FE00010", "7FE00008", "7FE00009")
@@ -120,7 +129,6 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     bnd = boundary()
     resp = web.StreamResponse(headers={
         "Content-Type": f'{MULTIPART}; type="{DICOM}"; boundary={bnd}'})
-    await resp.prepare(request)
     chunks = iterate_sync(request, _multipart_dicom, request.app[archive_key], plan, bnd)
     return await send_stream(request, resp, chunks)
 
@@ -149,6 +157,8 @@ def _piece(batch: list[str], first: bool, base: str) -> bytes:
 
 async def metadata(request: web.Request) -> web.StreamResponse:
     """PS3.18 10.4.1.1.2: the DICOM JSON of every instance, from the index alone."""
+    if not wants_json(parse_accept(request.headers.get("Accept"))):
+        fail(406, "metadata is sent as application/dicom+json")
     study, series, sop = _uids(request)
     archive = request.app[archive_key]
     n, top, last = await run_sync(request, archive.index.scope_stamp, study, series, sop)
@@ -166,7 +176,6 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers=headers)
     resp.content_type = "application/dicom+json"
     resp.enable_compression()
-    await resp.prepare(request)
     chunks = iterate_sync(request, _json_chunks, archive, study, series, sop, base)
     return await send_stream(request, resp, chunks)
 
@@ -229,7 +238,8 @@ async def frames(request: web.Request) -> web.StreamResponse:
     ranges = parse_accept(request.headers.get("Accept"))
     part_type, decode, single = _frame_choice(ranges, inst.transfer_syntax)
     data = await run_sync(request, _frames, request.app[archive_key], inst, numbers, decode)
-    ts = EXPLICIT_LE if decode else inst.transfer_syntax
+    # inflated deflate frames are native Explicit VR LE pixels; stored ones as stored
+    ts = EXPLICIT_LE if decode or inst.transfer_syntax == DEFLATED else inst.transfer_syntax
     ctype = f"{part_type}; transfer-syntax={ts}"
     if single:
         if len(data) != 1:
