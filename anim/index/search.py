@@ -227,12 +227,20 @@ def _json_value(vr: str, value: Any) -> dict[str, Any]:
     if value is None or value == "":
         return {"vr": vr}
     if vr == "PN":
-        return {"vr": vr, "Value": [{"Alphabetic": v} for v in str(value).split("\\")]}
+        return {"vr": vr, "Value": [_pn(v) for v in str(value).split("\\")]}
     if vr in ("IS", "US", "UL", "SL", "SS"):
         return {"vr": vr, "Value": [int(value)]}
     if vr in ("CS", "UI", "AE") and isinstance(value, str):
         return {"vr": vr, "Value": [v for v in value.split("\\") if v]} if value else {"vr": vr}
     return {"vr": vr, "Value": [str(value)]}
+
+
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _pn(value: str) -> dict[str, str]:
+    """A person name as PS3.18 F.2.2: its '='-separated component groups by name."""
+    return {g: v for g, v in zip(_PN_GROUPS, value.split("="), strict=False) if v}
 
 
 def _tag(kw: str) -> str:
