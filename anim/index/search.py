@@ -213,14 +213,38 @@ def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
         stmt = stmt.add_columns(version.c.dicom_json.label("_json")).join(
             version, version.c.id == instance.c.current_version_fk)
     matching = q.matching
+    on_patient = []
     for kw, value in matching.items():
-        stmt = stmt.where(condition(kw, value, alone=len(matching) == 1))
+        cond = condition(kw, value, alone=len(matching) == 1)
+        if q.level is not Level.PATIENT and INDEXED[kw] is Level.PATIENT:
+            on_patient.append(cond)
+        else:
+            stmt = stmt.where(cond)
+    if on_patient:
+        # as a set of patients first: the planner then finds the few patients (an infix
+        # name wildcard scans the small patient index) and their studies by index,
+        # instead of walking every study in id order and joining each to its patient
+        stmt = stmt.where(study.c.patient_fk.in_(select(patient.c.id).where(*on_patient)))
     stmt = stmt.order_by(_ID[q.level])
     if q.limit is not None:
         stmt = stmt.limit(q.limit)
     if q.offset:
         stmt = stmt.offset(q.offset)
     return stmt, keys
+
+
+def _converter(vr: str) -> Any:
+    """value → DICOM JSON attribute for one VR (the per-row work of a search)."""
+    empty = {"vr": vr}
+    if vr == "PN":
+        return lambda v: ({"vr": vr, "Value": [_pn(p) for p in v.split("\\")]}
+                          if v else dict(empty))
+    if vr in ("IS", "US", "UL", "SL", "SS"):
+        return lambda v: {"vr": vr, "Value": [int(v)]} if v not in (None, "") else dict(empty)
+    if vr in ("CS", "UI", "AE"):
+        return lambda v: ({"vr": vr, "Value": [p for p in v.split("\\") if p]}
+                          if v else dict(empty))
+    return lambda v: {"vr": vr, "Value": [str(v)]} if v not in (None, "") else dict(empty)
 
 
 def _json_value(vr: str, value: Any) -> dict[str, Any]:
@@ -281,22 +305,29 @@ def run(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
     stmt, keys = build(q, with_json=inline)
     want_sop_classes = "SOPClassesInStudy" in q.keys and q.level is Level.STUDY
     result = conn.execution_options(stream_results=True, yield_per=200).execute(stmt)
-    columns = [(k, _tag(k), vr_of(k)) for k in keys]  # dictionary lookups once, not per row
-    for row in result:
-        out: dict[str, Any] = {}
-        m = row._mapping
-        for k, tag, vr in columns:
-            out[tag] = _json_value(vr, m[k])
-        if want_sop_classes:
-            out[_tag("SOPClassesInStudy")] = {"vr": "UI", "Value": _sop_classes(conn, m["_id"])}
-        if extra or q.include_all:
-            meta = (json.loads(m["_json"]) if inline
-                    else _representative_json(conn, q.level, m["_id"]))
-            for k in extra:
-                t = _tag(k)
-                out[t] = meta.get(t, {"vr": vr_of(k)})
-            if q.include_all:
-                for t, v in meta.items():
-                    if t not in out and level_of_tag(int(t, 16)).depth <= q.level.depth:
-                        out[t] = v
-        yield dict(sorted(out.items()))
+    # row layout: _id, the keys in order, [_json]; converters picked once, not per row
+    columns = sorted((_tag(k), i + 1, _converter(vr_of(k))) for i, k in enumerate(keys))
+    needs_sort = bool(want_sop_classes or extra or q.include_all)
+    for rows in result.partitions():
+        for row in rows:
+            out = {tag: conv(row[i]) for tag, i, conv in columns}
+            if needs_sort:
+                _add_unindexed(conn, q, row, out, extra, inline, want_sop_classes)
+                out = dict(sorted(out.items()))
+            yield out
+
+
+def _add_unindexed(conn: Connection, q: Query, row: Any, out: dict[str, Any],
+                   extra: list[str], inline: bool, want_sop_classes: bool) -> None:
+    if want_sop_classes:
+        out[_tag("SOPClassesInStudy")] = {"vr": "UI", "Value": _sop_classes(conn, row[0])}
+    if not (extra or q.include_all):
+        return
+    meta = json.loads(row[-1]) if inline else _representative_json(conn, q.level, row[0])
+    for k in extra:
+        t = _tag(k)
+        out[t] = meta.get(t, {"vr": vr_of(k)})
+    if q.include_all:
+        for t, v in meta.items():
+            if t not in out and level_of_tag(int(t, 16)).depth <= q.level.depth:
+                out[t] = v
