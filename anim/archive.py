@@ -149,12 +149,20 @@ class Archive:
             pixel data cannot be decoded.
         """
         if target_ts is None or target_ts == inst.transfer_syntax:
-            if not inst.prefix:
-                yield transcode.file_meta_prefix(inst.sop_class_uid, inst.sop_instance_uid,
-                                                 inst.transfer_syntax)
-            yield from self.iter_bytes(inst, chunk)
+            yield self.file_prefix(inst)
+            for key in inst.blob_keys:
+                with self.blobs.open(key) as f:
+                    while block := f.read(chunk):
+                        yield block
             return
         yield transcode.encode(self.dataset_for(inst, [target_ts]))
+
+    def file_prefix(self, inst: StoredInstance) -> bytes:
+        """Preamble and file meta as received, or made for a bare data set."""
+        if inst.prefix:
+            return inst.prefix
+        return transcode.file_meta_prefix(inst.sop_class_uid, inst.sop_instance_uid,
+                                          inst.transfer_syntax)
 
     def read_bytes(self, sop_uid: str, version_id: int | None = None) -> bytes:
         return b"".join(self.iter_bytes(self.locate(sop_uid, version_id)))

@@ -14,7 +14,7 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
 
@@ -92,16 +92,51 @@ async def iterate_sync(request: web.Request, gen_fn: Callable[..., Iterator[T]],
             await task
 
 
-def coalesce(pieces: Iterator[bytes], size: int = 1 << 20) -> Iterator[bytes]:
-    """Join small pieces into chunks of about *size*: each chunk crosses threads once."""
-    buf = bytearray()
-    for p in pieces:
-        buf += p
-        if len(buf) >= size:
-            yield bytes(buf)
-            buf.clear()
-    if buf:
-        yield bytes(buf)
+class Chunks:
+    """Builds the chunks of a streamed body of about *size* bytes each.
+
+    Small pieces (part headers, file meta) are copied in; files are read straight into
+    the chunk being built (``readinto``): the bytes are copied once from the kernel,
+    and each chunk crosses from the reader thread to the event loop once.
+    """
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        self.size = size
+        self._new()
+
+    def _new(self) -> None:
+        self.buf = bytearray(self.size)
+        self.pos = 0
+
+    def _take(self) -> bytearray:
+        out = self.buf
+        del out[self.pos:]  # shrinks in place
+        self._new()
+        return out
+
+    def add(self, data: bytes) -> Iterator[bytearray]:
+        view = memoryview(data)
+        while view:
+            n = min(len(view), self.size - self.pos)
+            self.buf[self.pos:self.pos + n] = view[:n]
+            self.pos += n
+            view = view[n:]
+            if self.pos == self.size:
+                yield self._take()
+
+    def read_from(self, f: BinaryIO) -> Iterator[bytearray]:
+        while True:
+            with memoryview(self.buf) as whole, whole[self.pos:] as room:
+                n = f.readinto(room)
+            if not n:
+                return
+            self.pos += n
+            if self.pos == self.size:
+                yield self._take()
+
+    def rest(self) -> Iterator[bytearray]:
+        if self.pos:
+            yield self._take()
 
 
 async def send_stream(request: web.Request, resp: web.StreamResponse,

@@ -32,7 +32,7 @@ from web.media import (
     parse_accept,
     wants_json,
 )
-from web.streaming import boundary, closing, coalesce, iterate_sync, part_head, send_stream
+from web.streaming import Chunks, boundary, closing, iterate_sync, part_head, send_stream
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -107,18 +107,22 @@ def plan_syntaxes(ranges: list[MediaRange], insts: list[StoredInstance]
 
 
 def _multipart_dicom(archive: Archive, plan: list[tuple[StoredInstance, str | None]],
-                     bnd: str) -> Iterator[bytes]:
-    return coalesce(_dicom_parts(archive, plan, bnd))
-
-
-def _dicom_parts(archive: Archive, plan: list[tuple[StoredInstance, str | None]],
-                 bnd: str) -> Iterator[bytes]:
+                     bnd: str) -> Iterator[bytearray]:
+    ch = Chunks()
     for inst, target in plan:
         ts = target or inst.transfer_syntax
-        yield part_head(bnd, f"{DICOM}; transfer-syntax={ts}")
-        yield from archive.iter_part10(inst, target)
-        yield b"\r\n"
-    yield closing(bnd)
+        yield from ch.add(part_head(bnd, f"{DICOM}; transfer-syntax={ts}"))
+        if target is None:  # as stored: the blobs, read straight into the chunks
+            yield from ch.add(archive.file_prefix(inst))
+            for key in inst.blob_keys:
+                with archive.blobs.open(key) as f:
+                    yield from ch.read_from(f)
+        else:
+            for piece in archive.iter_part10(inst, target):
+                yield from ch.add(piece)
+        yield from ch.add(b"\r\n")
+    yield from ch.add(closing(bnd))
+    yield from ch.rest()
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
