@@ -56,6 +56,8 @@ _NAMES = {Level.PATIENT: "patient", Level.STUDY: "study", Level.SERIES: "series"
 _AVAILABILITY = "00080056"
 _RETRIEVE_URL = "00081190"
 WARN_AGENT = "anim"
+# rows are fresh trees of dicts and lists: no cycle check (it doubles the encoding time)
+JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":"))
 
 
 def _flag(params: MultiDictProxy[str], name: str) -> bool:
@@ -230,8 +232,7 @@ def _make_handler(level: Level, path_keys: tuple[str, ...]) -> Any:
         for row in rows:
             _decorate(row, level, base)
         rows = [dict(sorted(row.items())) for row in rows]  # F.2: in tag order
-        body = urls.absolute_bulk(json.dumps(rows, separators=(",", ":"),
-                                             ensure_ascii=False), base)
+        body = urls.absolute_bulk(JSON.encode(rows), base)
         resp = web.Response(body=body.encode(), headers={"Content-Type": "application/dicom+json"})
         for w in warnings:
             resp.headers.add("Warning", f'299 {WARN_AGENT} "{w}"')
