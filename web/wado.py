@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator
 from email.utils import format_datetime
 from typing import Any
@@ -37,6 +38,10 @@ from web.media import (
 from web.streaming import Chunks, boundary, closing, iterate_sync, part_head, send_stream
 
 log = logging.getLogger(__name__)
+
+# below this a blob is read and written with its neighbours: a sendfile call costs more
+# than copying a header
+SMALL_BLOB = 64 * 1024
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -160,14 +165,21 @@ async def _send_stored(request: web.Request, resp: web.StreamResponse,
     resp.content_length = total
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
+    pending = bytearray()  # small pieces gathered into one write before each sendfile
     try:
         for head, keys in heads:
-            await resp.write(head)
+            pending += head
             for key in keys:
                 with archive.blobs.open(key) as f:
+                    if os.fstat(f.fileno()).st_size <= SMALL_BLOB:
+                        pending += f.read()
+                        continue
+                    await resp.write(pending)
+                    pending = bytearray()
                     await loop.sendfile(request.transport, f)  # type: ignore[arg-type]
-            await resp.write(b"\r\n")
-        await resp.write(closing(bnd))
+            pending += b"\r\n"
+        pending += closing(bnd)
+        await resp.write(pending)
         await resp.write_eof()
     except ConnectionResetError:
         log.info("HTTP GET %s: the client closed the connection mid-response", request.path)
