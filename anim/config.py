@@ -83,6 +83,7 @@ class WebConfig:
     max_stow_bytes: int = 8 << 30  # one STOW-RS request body; above: 413
     qido_max_results: int = 1000  # a larger or absent limit is cut here, with a Warning
     institution: str = "DICOMweb"  # the institution STOW-RS stores are recorded under
+    ohif_url: str = ""  # an OHIF viewer the web page links studies to; empty = no link
 
     @property
     def origins(self) -> frozenset[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from web import capabilities, health, qido, rendered, stow, wado
+from web import admin, capabilities, health, qido, rendered, stow, ui, wado
 
 DW = "/dicom-web"
 STUDY = DW + "/studies/{study}"
@@ -17,6 +17,10 @@ def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health.health)
     r.add_get("/version", health.version)
+    r.add_get("/api/admin/summary", admin.summary)
+    r.add_get("/api/admin/changes", admin.changes)
+    r.add_get("/api/admin/peers", admin.peers)
+    r.add_get("/api/ui-config", admin.ui_config)
     r.add_route("OPTIONS", DW, capabilities.options)
     # QIDO-RS (PS3.18 10.6)
     r.add_get(DW + "/studies", qido.search_studies)
@@ -38,3 +42,4 @@ def setup_routes(app: web.Application) -> None:
     r.add_get(FRAMES + "/rendered", rendered.rendered)
     r.add_get(FRAMES + "/thumbnail", rendered.thumbnail)
     r.add_get(INSTANCE + "/bulkdata/{tag}", wado.bulkdata)
+    ui.setup(app)

@@ -36,9 +36,17 @@ def _v2_pattern_indexes(conn: Connection) -> None:
             f"ON {table} ({column} varchar_pattern_ops)")
 
 
+def _v3_version_new_bytes(conn: Connection) -> None:
+    # a database made by step 1 of this release has the column already
+    if any(c["name"] == "new_bytes" for c in inspect(conn).get_columns("version")):
+        return
+    conn.exec_driver_sql("ALTER TABLE version ADD COLUMN new_bytes BIGINT")
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "prefix-match indexes for PostgreSQL", _v2_pattern_indexes),
+    (3, "bytes each version added to the blob store", _v3_version_new_bytes),
 ]
 
 LATEST = STEPS[-1][0]

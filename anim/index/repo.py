@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -299,6 +299,43 @@ class Index:
             n, top, last = conn.execute(q).one()
         return int(n), int(top), datetime.fromisoformat(last) if last else None
 
+    def storage_summary(self) -> dict[str, int]:
+        """Counts, and bytes held (each distinct object once) against bytes written.
+
+        Versions stored before migration 3 did not record what they wrote: they are
+        left out of the byte figures and counted in ``unmeasured_versions``.
+        """
+        v = version
+        measured = v.c.new_bytes.is_not(None)
+        with self.engine.connect() as conn:
+            held, written, unmeasured = conn.execute(select(
+                func.coalesce(func.sum(case((measured, v.c.size), else_=0)), 0),
+                func.coalesce(func.sum(v.c.new_bytes), 0),
+                func.coalesce(func.sum(case((measured, 0), else_=1)), 0))).one()
+        counts = self.counts()
+        return {"patients": counts["patient"], "studies": counts["study"],
+                "series": counts["series"], "instances": counts["instance"],
+                "versions": counts["version"], "received_bytes": int(held),
+                "stored_bytes": int(written), "saved_bytes": int(held) - int(written),
+                "unmeasured_versions": int(unmeasured)}
+
+    def recent_changes(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest entries of the change sequence, newest first."""
+        q = select(change).order_by(change.c.seq.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Who sent what: per calling AE / host / institution / protocol, the number of
+        versions received and the latest arrival."""
+        v = version
+        q = (select(v.c.source_ae, v.c.source_host, v.c.institution, v.c.protocol,
+                    func.count().label("instances"), func.max(v.c.received_at).label("last"))
+             .group_by(v.c.source_ae, v.c.source_host, v.c.institution, v.c.protocol)
+             .order_by(func.max(v.c.received_at).desc()))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
     def versions(
         self, state: VersionState | None = None, sop_uid: str | None = None
     ) -> list[VersionInfo]:
@@ -471,7 +508,7 @@ def _version_values(item: IngestItem, instance_id: int, state: VersionState,
         "transfer_syntax": item.transfer_syntax, "size": item.size,
         "dicom_json": item.dicom_json, "institution": item.source.institution[:64],
         "source_ae": item.source.ae_title[:16], "source_host": item.source.host[:64],
-        "protocol": item.source.protocol, "received_at": at,
+        "protocol": item.source.protocol, "received_at": at, "new_bytes": item.new_bytes,
     }
 
 

@@ -112,6 +112,9 @@ version = Table(
     Column("source_host", String(64), nullable=False, default=""),
     Column("protocol", String(16), nullable=False),
     Column("received_at", String(32), nullable=False),
+    # bytes this version added to the blob store (the rest was already there): the
+    # measure of what content addressing saves (migration 3; NULL = stored before it)
+    Column("new_bytes", BigInteger, nullable=True),
     Index("ix_version_instance_digest", "instance_fk", "digest"),
     Index("ix_version_state", "state"),
 )
