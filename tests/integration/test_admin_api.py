@@ -46,7 +46,8 @@ def test_summary_counts_and_dedup_savings_match_the_disk(server: AnimServer,
     assert s2["stored_bytes"] == blob_bytes(server.data_dir)
     received = s2["received_bytes"] - s1["received_bytes"]
     written = s2["stored_bytes"] - s1["stored_bytes"]
-    assert received == sum(p.stat().st_size for p in corrected) or received > written
+    assert received > 0
+    assert 0 < written < received  # one new header blob per instance, the pixels shared
     # the pixel data of the corrections were already held: most of it was saved
     assert s2["saved_bytes"] - s1["saved_bytes"] > received / 2
 
@@ -62,7 +63,8 @@ def test_changes_newest_first_and_peers_with_activity(server: AnimServer) -> Non
 
     peers = {p["ae_title"]: p for p in _get(server, "/api/admin/peers").json()}
     assert peers["PACS"]["configured"] is True
-    assert peers["PACS"]["instances"] == 0 and peers["PACS"]["last_activity"] is None
+    assert peers["PACS"]["instances"] == 0
+    assert peers["PACS"]["last_activity"] is None
     modality = peers["MODALITY1"]
     assert modality["configured"] is False
     assert modality["instances"] == len(sample_files())
