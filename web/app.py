@@ -12,7 +12,7 @@ from aiohttp import web
 from anim import Archive, WebConfig
 from web import cors, routes
 from web.errors import errors_middleware
-from web.keys import archive_key, config_key, executor_key
+from web.keys import archive_key, config_key, executor_key, stream_executor_key
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,11 @@ CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[
 @contextlib.asynccontextmanager
 async def _executor(app: web.Application) -> AsyncIterator[None]:
     pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="anim-web")
+    streams = ThreadPoolExecutor(max_workers=64, thread_name_prefix="anim-stream")
     app[executor_key] = pool
+    app[stream_executor_key] = streams
     yield
+    streams.shutdown(wait=True, cancel_futures=True)
     pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -16,6 +16,9 @@ T = TypeVar("T")
 archive_key = web.AppKey("archive", Archive)
 config_key = web.AppKey("config", WebConfig)
 executor_key = web.AppKey("executor", ThreadPoolExecutor)
+# streamed responses hold a thread while the client reads: their own pool, so slow or
+# stalled readers can never starve short requests (QIDO, /health) of threads
+stream_executor_key = web.AppKey("stream_executor", ThreadPoolExecutor)
 
 
 async def run_sync(request: web.Request, fn: Callable[..., T], *args: Any) -> T:

@@ -49,6 +49,7 @@ INSTANCE_KEYS = (
     "SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "TimezoneOffsetFromUTC",
     "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
 )
+MAX_PAGING = 2**31 - 1
 _CONTROL = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching",
             "multiplevaluematching", "orderby"}
 _NAMES = {Level.PATIENT: "patient", Level.STUDY: "study", Level.SERIES: "series",
@@ -75,8 +76,8 @@ def _int(params: MultiDictProxy[str], name: str, default: int | None) -> int | N
         value = int(raw)
     except ValueError:
         raise InvalidQuery(f"{name} must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise InvalidQuery(f"{name} must not be negative")
+    if not 0 <= value <= MAX_PAGING:
+        raise InvalidQuery(f"{name} must be between 0 and {MAX_PAGING}")
     return value
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from anim import Archive, StoredInstance, render
 from web.errors import fail
 from web.keys import archive_key, run_sync
+from web.streaming import decode_slots
 from web.wado import instances_in_scope, parse_frame_list
 
 
@@ -22,8 +23,9 @@ def _representative(insts: list[StoredInstance]) -> StoredInstance:
 
 def _render(archive: Archive, inst: StoredInstance, frame: int,
             params: render.RenderParams) -> bytes:
-    return render.render(b"".join(archive.iter_bytes(inst)), frame, params,
-                         transfer_syntax=inst.transfer_syntax)
+    with decode_slots:
+        return render.render(b"".join(archive.iter_bytes(inst)), frame, params,
+                             transfer_syntax=inst.transfer_syntax)
 
 
 async def _answer(request: web.Request, thumbnail: bool) -> web.Response:

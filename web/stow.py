@@ -37,7 +37,7 @@ from anim import (
 from web import urls
 from web.errors import fail
 from web.keys import archive_key, config_key, run_sync
-from web.media import DICOM
+from web.media import DICOM, parse_accept
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,9 @@ class _Response:
 async def store(request: web.Request) -> web.Response:
     """POST /studies and /studies/{study}."""
     ctype = request.content_type.lower()
-    ptype = request.headers.get("Content-Type", "").lower().replace('"', "")
-    if ctype != "multipart/related" or (
-            "type=" in ptype and f"type={DICOM}" not in ptype.replace(" ", "")):
+    declared = parse_accept(request.headers.get("Content-Type", "") or "x/none")
+    if ctype != "multipart/related" or len(declared) != 1 or declared[0].part_type not in (
+            "", DICOM):
         fail(415, f"STOW-RS takes multipart/related; type=\"{DICOM}\", not {ctype or 'none'}")
     cfg = request.app[config_key]
     if request.content_length is not None and request.content_length > cfg.max_stow_bytes:

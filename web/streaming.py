@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
 
-from web.keys import executor_key
+from web.keys import stream_executor_key
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ async def iterate_sync(request: web.Request, gen_fn: Callable[..., Iterator[T]],
     """Yield the items of ``gen_fn(*args)``, produced on an executor thread."""
     loop = asyncio.get_running_loop()
     producer = _Producer(loop, gen_fn(*args))
-    task = loop.run_in_executor(request.app[executor_key], producer.run)
+    task = loop.run_in_executor(request.app[stream_executor_key], producer.run)
     try:
         while True:
             item = await producer.queue.get()
@@ -156,19 +156,33 @@ async def send_stream(request: web.Request, resp: web.StreamResponse,
         first = b""
     await resp.prepare(request)
     try:
-        await resp.write(first)
+        await write(resp, first)
         async for chunk in it:
-            await resp.write(chunk)
+            await write(resp, chunk)
         await resp.write_eof()
-    except ConnectionResetError:
-        log.info("HTTP %s %s: the client closed the connection mid-response",
-                 request.method, request.path)
+    except (ConnectionError, TimeoutError) as e:
+        log.info("HTTP %s %s: the client went away mid-response (%s)",
+                 request.method, request.path, type(e).__name__)
+        if request.transport is not None:
+            request.transport.close()
     except Exception as e:
         log.warning("HTTP %s %s: response cut after its start: %s", request.method,
                     request.path, e)
         if request.transport is not None:
             request.transport.close()
     return resp
+
+
+# objects decoded whole (rendering, decoded frames): at most this many at once, so a
+# burst of thumbnails of large multi-frame objects cannot take all the memory
+decode_slots = threading.BoundedSemaphore(2)
+
+WRITE_TIMEOUT = 120.0  # a client that reads nothing for this long is dropped
+
+
+async def write(resp: web.StreamResponse, data: bytes | bytearray) -> None:
+    """One write that a stalled client cannot hold up for ever."""
+    await asyncio.wait_for(resp.write(data), WRITE_TIMEOUT)
 
 
 def boundary() -> str:

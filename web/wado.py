@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from email.utils import format_datetime
 from typing import Any
@@ -35,7 +36,17 @@ from web.media import (
     parse_accept,
     wants_json,
 )
-from web.streaming import Chunks, boundary, closing, iterate_sync, part_head, send_stream
+from web.streaming import (
+    WRITE_TIMEOUT,
+    Chunks,
+    boundary,
+    closing,
+    decode_slots,
+    iterate_sync,
+    part_head,
+    send_stream,
+    write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +185,19 @@ async def _send_stored(request: web.Request, resp: web.StreamResponse,
                     if os.fstat(f.fileno()).st_size <= SMALL_BLOB:
                         pending += f.read()
                         continue
-                    await resp.write(pending)
+                    await write(resp, pending)
                     pending = bytearray()
-                    await loop.sendfile(request.transport, f)  # type: ignore[arg-type]
+                    await asyncio.wait_for(loop.sendfile(request.transport, f),  # type: ignore[arg-type]
+                                           WRITE_TIMEOUT)
             pending += b"\r\n"
         pending += closing(bnd)
-        await resp.write(pending)
+        await write(resp, pending)
         await resp.write_eof()
-    except ConnectionResetError:
-        log.info("HTTP GET %s: the client closed the connection mid-response", request.path)
+    except (ConnectionError, TimeoutError) as e:
+        log.info("HTTP GET %s: the client went away mid-response (%s)", request.path,
+                 type(e).__name__)
+        if request.transport is not None:
+            request.transport.close()
     except Exception as e:  # a missing blob: the length can no longer be kept
         log.warning("HTTP GET %s: response cut after its start: %s", request.path, e)
         if request.transport is not None:
@@ -224,7 +239,7 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     base = urls.root(request)
     # the validator changes with any store, correction or promotion in the scope, and
     # with the base URL the BulkDataURIs are written with
-    etag = f'"{n}-{top}-{abs(hash(base)) % 10**8}"'
+    etag = f'"{n}-{top}-{zlib.crc32(base.encode()):08x}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if last is not None:
         headers["Last-Modified"] = format_datetime(last, usegmt=True)
@@ -255,6 +270,8 @@ def parse_frame_list(text: str) -> list[int]:
         numbers = []
     if not numbers or any(n < 1 for n in numbers):
         fail(400, f"frame list {text!r}: expected comma-separated frame numbers from 1")
+    if len(set(numbers)) != len(numbers):
+        fail(400, f"frame list {text!r}: a frame is asked for more than once")
     return numbers
 
 
@@ -283,8 +300,9 @@ def _frames(archive: Archive, inst: StoredInstance, numbers: list[int],
             decode: bool) -> list[bytes]:
     meta = archive.instance_json(inst.sop_instance_uid)
     if decode:
-        data = b"".join(archive.iter_bytes(inst))
-        return pixels.decoded_frames(data, inst.transfer_syntax, numbers)
+        with decode_slots:
+            data = b"".join(archive.iter_bytes(inst))
+            return pixels.decoded_frames(data, inst.transfer_syntax, numbers)
     return pixels.stored_frames(archive.blobs.open, inst, meta, numbers)
 
 
@@ -294,13 +312,13 @@ async def frames(request: web.Request) -> web.StreamResponse:
     inst = (await instances_in_scope(request))[0]
     ranges = parse_accept(request.headers.get("Accept"))
     part_type, decode, single = _frame_choice(ranges, inst.transfer_syntax)
+    if single and len(numbers) != 1:
+        fail(406, "a single-part response carries one frame; ask for multipart/related")
     data = await run_sync(request, _frames, request.app[archive_key], inst, numbers, decode)
     # inflated deflate frames are native Explicit VR LE pixels; stored ones as stored
     ts = EXPLICIT_LE if decode or inst.transfer_syntax == DEFLATED else inst.transfer_syntax
     ctype = f"{part_type}; transfer-syntax={ts}"
     if single:
-        if len(data) != 1:
-            fail(406, "a single-part response carries one frame; ask for multipart/related")
         return web.Response(body=data[0], headers={"Content-Type": ctype})
     return await _send_parts(request, part_type, ctype, data)
 
@@ -308,13 +326,11 @@ async def frames(request: web.Request) -> web.StreamResponse:
 async def _send_parts(request: web.Request, part_type: str, ctype: str,
                       parts: list[bytes]) -> web.Response:
     bnd = boundary()
-    body = bytearray()
+    pieces: list[bytes] = []
     for p in parts:
-        body += part_head(bnd, ctype)
-        body += p
-        body += b"\r\n"
-    body += closing(bnd)
-    return web.Response(body=bytes(body), headers={
+        pieces += (part_head(bnd, ctype), p, b"\r\n")
+    pieces.append(closing(bnd))
+    return web.Response(body=b"".join(pieces), headers={
         "Content-Type": f'{MULTIPART}; type="{part_type}"; boundary={bnd}'})
 
 
@@ -324,16 +340,51 @@ async def _send_parts(request: web.Request, part_type: str, ctype: str,
 def _bulk(archive: Archive, inst: StoredInstance, tag: str) -> tuple[list[bytes], str]:
     meta = archive.instance_json(inst.sop_instance_uid)
     if tag in _PIXEL_TAGS and tag in meta:
-        if inst.transfer_syntax in NATIVE_LE and len(inst.blob_keys) > 1:
-            return [archive.read_blob(inst.blob_keys[1])], EXPLICIT_LE
         n = int((meta.get("00280008", {}).get("Value") or [1])[0] or 1)
         return (pixels.stored_frames(archive.blobs.open, inst, meta, list(range(1, n + 1))),
                 inst.transfer_syntax)
-    ds = transcode.read(b"".join(archive.iter_bytes(inst)), inst.transfer_syntax)
-    elem = _find_element(ds, int(tag, 16))
+    # other bulk values lie in the header blob (before the pixel data): read only that
+    head = archive.file_prefix(inst) + archive.read_blob(inst.blob_keys[0])
+    elem = _find_element(transcode.read(head, inst.transfer_syntax), int(tag, 16))
+    if elem is None and len(inst.blob_keys) > 2:  # the rare trailer after the pixels
+        with decode_slots:
+            ds = transcode.read(b"".join(archive.iter_bytes(inst)), inst.transfer_syntax)
+            elem = _find_element(ds, int(tag, 16))
     if elem is None or not isinstance(elem.value, bytes | bytearray):
         raise NotFound(f"instance {inst.sop_instance_uid} has no bulk data element {tag}")
     return [bytes(elem.value)], inst.transfer_syntax
+
+
+def _native_pixel_blob(archive: Archive, inst: StoredInstance, tag: str) -> str | None:
+    """The blob that holds the whole native pixel data value, when there is one."""
+    if (tag in _PIXEL_TAGS and inst.transfer_syntax in NATIVE_LE
+            and len(inst.blob_keys) > 1 and inst.transfer_syntax != DEFLATED):
+        return inst.blob_keys[1]
+    return None
+
+
+async def _send_blob_part(request: web.Request, key: str, ctype: str) -> web.StreamResponse:
+    """One blob as the single part of a multipart answer, by sendfile."""
+    archive = request.app[archive_key]
+    bnd = boundary()
+    head, tail = part_head(bnd, ctype), b"\r\n" + closing(bnd)
+    with archive.blobs.open(key) as f:
+        size = os.fstat(f.fileno()).st_size
+        resp = web.StreamResponse(headers={
+            "Content-Type": f'{MULTIPART}; type="{OCTET}"; boundary={bnd}'})
+        resp.content_length = len(head) + size + len(tail)
+        await resp.prepare(request)
+        try:
+            await write(resp, head)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sendfile(request.transport, f),  # type: ignore[arg-type]
+                WRITE_TIMEOUT)
+            await write(resp, tail)
+            await resp.write_eof()
+        except (ConnectionError, TimeoutError):
+            if request.transport is not None:
+                request.transport.close()
+    return resp
 
 
 def _find_element(ds: Any, tag: int) -> Any:
@@ -359,6 +410,11 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
                                      and r.part_type in ("", OCTET, "*/*"))
                for r in ranges):
         fail(406, f"bulk data is sent as {MULTIPART}; type={OCTET}")
+    key = _native_pixel_blob(request.app[archive_key], inst, tag)
+    if key is not None and tag in await run_sync(
+            request, request.app[archive_key].instance_json, inst.sop_instance_uid):
+        # native pixel data: the stored value as is, by sendfile (memory flat)
+        return await _send_blob_part(request, key, f"{OCTET}; transfer-syntax={EXPLICIT_LE}")
     parts, ts = await run_sync(request, _bulk, request.app[archive_key], inst, tag)
     ctype = f"{OCTET}; transfer-syntax={ts}"
     return await _send_parts(request, OCTET, ctype, parts)

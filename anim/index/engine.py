@@ -16,6 +16,7 @@ def make_engine(url: str, pool_size: int = 8) -> Engine:
     if u.get_backend_name() == "sqlite":
         engine = create_engine(
             u,
+            hide_parameters=True,  # bound values are patient data: never in error text
             pool_size=pool_size,
             max_overflow=pool_size,
             connect_args={"timeout": 30, "check_same_thread": False},
@@ -26,6 +27,7 @@ def make_engine(url: str, pool_size: int = 8) -> Engine:
     # for the first 10 % of rows by default: with ORDER BY id that walks the whole
     # table by primary key. Plan for all rows instead.
     return create_engine(u, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                         hide_parameters=True,
                          connect_args={"options": "-c cursor_tuple_fraction=1"})
 
 

@@ -34,6 +34,7 @@ from anim.index.schema import instance, patient, series, study, version
 from anim.query import INDEXED, Level, Query, level_of_tag, vr_of
 
 _ESC = "!"
+_MAX_INT = 2**63 - 1  # what both engines hold in an integer column
 
 
 def _like(value: str) -> str:
@@ -164,15 +165,21 @@ def condition(kw: str, value: str, alone: bool = True) -> ColumnElement[bool]:
                      else ms.c.modality == m for m in mods))
         return study.c.id.in_(select(ms.c.study_fk).where(cond))
     if vr in ("IS", "US", "UL", "SL", "SS"):
-        try:
-            nums = [int(v) for v in value.split("\\")]
-        except ValueError:
-            raise InvalidQuery(f"{kw}: {value!r} is not an integer") from None
-        return col.in_(nums)
+        return col.in_(_integers(kw, value))
     if vr == "PN":
         return _pn_condition(kw, value)
     return or_(*(col.like(_like(v), escape=_ESC) if _has_wildcard(v) else col == v
                  for v in value.split("\\")))
+
+
+def _integers(kw: str, value: str) -> list[int]:
+    try:
+        nums = [int(v) for v in value.split("\\")]
+    except ValueError:
+        raise InvalidQuery(f"{kw}: {value!r} is not an integer") from None
+    if any(abs(n) > _MAX_INT for n in nums):
+        raise InvalidQuery(f"{kw}: {value!r} is out of range")
+    return nums
 
 
 def _pn_condition(kw: str, value: str) -> ColumnElement[bool]:

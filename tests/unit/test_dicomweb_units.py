@@ -57,7 +57,7 @@ def test_qido_asks_one_more_than_the_server_cap_to_detect_truncation() -> None:
 @pytest.mark.parametrize(("params", "reason"), [
     ({"Modality": "CT"}, "series-level"),
     ({"NoSuchKey": "x"}, "unknown attribute"),
-    ({"limit": "-1"}, "negative"),
+    ({"limit": "-1"}, "between 0 and"),
     ({"fuzzymatching": "maybe"}, "true or false"),
     ({"ReferencedStudySequence.ReferencedSOPInstanceUID": "1"}, "sequences"),
 ])
