@@ -251,15 +251,7 @@ class Index:
                 v.c.header_key, v.c.pixel_key, v.c.trailer_key, v.c.size, v.c.id]
         if with_json:
             cols.append(v.c.dicom_json)
-        q = (select(*cols)
-             .select_from(i.join(v, v.c.id == i.c.current_version_fk)
-                          .join(series, series.c.id == i.c.series_fk)
-                          .join(study, study.c.id == series.c.study_fk))
-             .where(study.c.study_uid == study_uid))
-        if series_uid is not None:
-            q = q.where(series.c.series_uid == series_uid)
-        if sop_uid is not None:
-            q = q.where(i.c.sop_uid == sop_uid)
+        q = _in_scope(select(*cols), study_uid, series_uid, sop_uid)
         # NULL instance numbers last on both engines
         q = q.order_by(series.c.id, i.c.instance_number.is_(None), i.c.instance_number, i.c.id)
         with self.engine.connect() as conn:
@@ -285,16 +277,9 @@ class Index:
         Any store, correction or promotion in the scope changes it: a cheap validator
         for ETag and conditional requests.
         """
-        i, v = instance, version
-        q = (select(func.count(), func.coalesce(func.max(v.c.id), 0), func.max(v.c.received_at))
-             .select_from(i.join(v, v.c.id == i.c.current_version_fk)
-                          .join(series, series.c.id == i.c.series_fk)
-                          .join(study, study.c.id == series.c.study_fk))
-             .where(study.c.study_uid == study_uid))
-        if series_uid is not None:
-            q = q.where(series.c.series_uid == series_uid)
-        if sop_uid is not None:
-            q = q.where(i.c.sop_uid == sop_uid)
+        v = version
+        q = _in_scope(select(func.count(), func.coalesce(func.max(v.c.id), 0),
+                             func.max(v.c.received_at)), study_uid, series_uid, sop_uid)
         with self.engine.connect() as conn:
             n, top, last = conn.execute(q).one()
         return int(n), int(top), datetime.fromisoformat(last) if last else None
@@ -390,6 +375,20 @@ class Index:
         q = select(change).where(change.c.seq > seq).order_by(change.c.seq).limit(limit)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def _in_scope(q: Any, study_uid: str, series_uid: str | None, sop_uid: str | None) -> Any:
+    """*q* over the current versions of the instances of a study / series / instance."""
+    i, v = instance, version
+    q = (q.select_from(i.join(v, v.c.id == i.c.current_version_fk)
+                       .join(series, series.c.id == i.c.series_fk)
+                       .join(study, study.c.id == series.c.study_fk))
+         .where(study.c.study_uid == study_uid))
+    if series_uid is not None:
+        q = q.where(series.c.series_uid == series_uid)
+    if sop_uid is not None:
+        q = q.where(i.c.sop_uid == sop_uid)
+    return q
 
 
 # ---- the write transactions (run on the writer thread) --------------------------
