@@ -90,6 +90,34 @@ class WebConfig:
         return frozenset(o.strip() for o in self.cors_origins.split(",") if o.strip())
 
 
+WEBHOOK_EVENTS = ("study_stable", "study_updated", "study_deleted", "instance_created",
+                  "instance_replaced", "instance_deleted", "instance_quarantined",
+                  "patient_updated")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """An HCM endpoint notified of changes by a signed POST (docs/hcm.md)."""
+
+    name: str
+    url: str
+    secret: str  # HMAC-SHA256 key; "whsec_<base64>" is decoded (Standard Webhooks)
+    events: frozenset[str] = frozenset({"study_stable", "study_updated", "study_deleted"})
+    timeout: float = 10.0  # seconds for one POST
+    max_backoff: float = 300.0  # retry delays double from 1 s up to this
+
+
+@dataclass(frozen=True, slots=True)
+class HcmConfig:
+    # a study is stable once no instance arrived, changed or went for this long
+    stable_after: float = 60.0
+    # store the study's KOS manifest in the archive when it becomes stable
+    store_manifest: bool = False
+    # Retrieve AE Title put in manifests; empty = [dimse].aet
+    retrieve_aet: str = ""
+    webhooks: tuple[Webhook, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
@@ -101,6 +129,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     dimse: DimseConfig = field(default_factory=DimseConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    hcm: HcmConfig = field(default_factory=HcmConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -115,6 +144,7 @@ _SECTIONS: dict[str, type] = {
     "index": IndexConfig,
     "dimse": DimseConfig,
     "web": WebConfig,
+    "hcm": HcmConfig,
     "log": LogConfig,
 }
 
@@ -173,6 +203,32 @@ def _known_ae_from_table(title: str, table: Mapping[str, Any]) -> KnownAE:
     )
 
 
+def _webhook_from_table(name: str, table: Mapping[str, Any]) -> Webhook:
+    what = f"[hcm.webhooks.{name}]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{what} must be a table")
+    unknown = set(table) - {"url", "secret", "events", "timeout", "max_backoff"}
+    if unknown:
+        raise ConfigError(f"{what}: unknown keys {sorted(unknown)}")
+    url, secret = str(table.get("url", "")), str(table.get("secret", ""))
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{what}.url: expected an http(s) URL, got {url!r}")
+    if len(secret) < 16:
+        raise ConfigError(f"{what}.secret: at least 16 characters")
+    events = table.get("events", sorted(Webhook.__dataclass_fields__["events"].default))
+    if not isinstance(events, list) or not set(events) <= set(WEBHOOK_EVENTS):
+        raise ConfigError(f"{what}.events: expected a list of {list(WEBHOOK_EVENTS)}")
+    try:
+        timeout = float(table.get("timeout", 10.0))
+        backoff = float(table.get("max_backoff", 300.0))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: timeout and max_backoff are numbers of seconds") from None
+    if timeout <= 0 or backoff < 1:
+        raise ConfigError(f"{what}: timeout must be positive and max_backoff at least 1")
+    return Webhook(name=name, url=url, secret=secret, events=frozenset(events),
+                   timeout=timeout, max_backoff=backoff)
+
+
 def _coerce(section: str, key: str, ftype: Any, value: Any) -> Any:
     what = f"[{section}].{key}"
     t = str(ftype)
@@ -212,6 +268,12 @@ def _apply(cfg: Config, section: str, values: Mapping[str, Any], origin: str) ->
             aes = tuple(_known_ae_from_table(t, v) for t, v in value.items())
             changes["known_aes"] = current.known_aes + aes
             continue
+        if section == "hcm" and key == "webhooks":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{origin}: [hcm.webhooks] must be a table of tables")
+            hooks = tuple(_webhook_from_table(n, v) for n, v in value.items())
+            changes["webhooks"] = current.webhooks + hooks
+            continue
         if key not in fields:
             raise ConfigError(f"{origin}: unknown key {key!r} in [{section}]")
         changes[key] = _coerce(section, key, fields[key].type, value)
@@ -234,6 +296,13 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("[index].batch_max must be at least 1")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"[log].level: expected DEBUG/INFO/WARNING/ERROR, got {cfg.log.level!r}")
+    if cfg.hcm.stable_after <= 0:
+        raise ConfigError("[hcm].stable_after must be a positive number of seconds")
+    if cfg.hcm.retrieve_aet:
+        _check_aet(cfg.hcm.retrieve_aet, "[hcm].retrieve_aet")
+    names = [w.name for w in cfg.hcm.webhooks]
+    if len(names) != len(set(names)):
+        raise ConfigError("[hcm.webhooks]: a webhook name is listed twice")
     titles = [ae.title for ae in cfg.dimse.known_aes]
     if len(titles) != len(set(titles)):
         raise ConfigError("[dimse.known_aes]: an AE title is listed twice")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from web import admin, capabilities, health, qido, rendered, stow, ui, wado
+from web import admin, capabilities, fhir, hcm, health, qido, rendered, stow, ui, wado
 
 DW = "/dicom-web"
 STUDY = DW + "/studies/{study}"
@@ -44,4 +44,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_route("GET", FRAMES + "/rendered", rendered.rendered)
     r.add_route("GET", FRAMES + "/thumbnail", rendered.thumbnail)
     r.add_route("GET", INSTANCE + "/bulkdata/{tag}", wado.bulkdata)
+    hcm.add_routes(r)  # /hcm: change feed, study references, manifests
+    fhir.add_routes(r)  # /fhir: FHIR R4 ImagingStudy, Endpoint, DocumentReference
     ui.setup(app)

@@ -35,6 +35,7 @@ from anim.models import (
     VersionInfo,
     VersionState,
 )
+from anim.studyinfo import StudyInfo
 
 log = logging.getLogger(__name__)
 
@@ -363,13 +364,47 @@ class Index:
             return list(conn.execute(q).scalars())
 
     def study_row(self, study_uid: str) -> dict[str, Any]:
-        q = select(study, patient.c.patient_id, patient.c.issuer, patient.c.patient_name).join(
+        q = select(study, patient.c.patient_id, patient.c.issuer, patient.c.patient_name,
+                   patient.c.birth_date, patient.c.sex).join(
             patient, patient.c.id == study.c.patient_fk).where(study.c.study_uid == study_uid)
         with self.engine.connect() as conn:
             row = conn.execute(q).mappings().first()
         if row is None:
             raise NotFound(f"no study {study_uid}")
         return dict(row)
+
+    def study_info(self, study_uid: str) -> StudyInfo:
+        """The study, its patient, and its series and current instances, in order."""
+        from anim.studyinfo import InstanceInfo, SeriesInfo, StudyInfo
+
+        row = self.study_row(study_uid)
+        q = (select(series.c.series_uid, series.c.series_number, series.c.modality,
+                    series.c.description, series.c.body_part, instance.c.sop_uid,
+                    instance.c.sop_class_uid, instance.c.instance_number,
+                    instance.c.num_frames, version.c.transfer_syntax)
+             .select_from(series.join(instance, instance.c.series_fk == series.c.id)
+                          .join(version, version.c.id == instance.c.current_version_fk))
+             .where(series.c.study_fk == row["id"])
+             .order_by(series.c.series_number, series.c.id, instance.c.instance_number,
+                       instance.c.id))
+        grouped: dict[str, tuple[Any, list[InstanceInfo]]] = {}
+        with self.engine.connect() as conn:
+            for r in conn.execute(q):
+                _s, insts = grouped.setdefault(r.series_uid, (r, []))
+                insts.append(InstanceInfo(r.sop_uid, r.sop_class_uid, r.instance_number,
+                                          r.num_frames, r.transfer_syntax))
+        return StudyInfo(
+            study_uid=study_uid, accession_number=row["accession_number"],
+            study_id=row["study_id"], study_date=row["study_date"],
+            study_time=row["study_time"], description=row["description"],
+            referring_physician=row["referring_physician"],
+            modalities=tuple(m for m in row["modalities"].split("\\") if m),
+            patient_id=row["patient_id"], issuer=row["issuer"],
+            patient_name=row["patient_name"], birth_date=row["birth_date"], sex=row["sex"],
+            updated_at=row["updated_at"],
+            series=tuple(SeriesInfo(s.series_uid, s.series_number, s.modality,
+                                    s.description, s.body_part, tuple(insts))
+                         for s, insts in grouped.values()))
 
     def changes_since(self, seq: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         q = select(change).where(change.c.seq > seq).order_by(change.c.seq).limit(limit)
