@@ -1,4 +1,5 @@
-"""The ``anim`` command: serve, import, sample, quarantine. The composition root.
+"""The ``anim`` command: serve, import, sample, quarantine, delete, changes. The composition
+root.
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration error.
 """
@@ -76,6 +77,7 @@ async def _serve(cfg: Config) -> None:
 
     from scp import server as scp_server
     from web import app as web_app
+    from web.keys import origin_key
 
     with Archive.open(cfg) as archive:
         ports: dict[str, int] = {}
@@ -95,6 +97,8 @@ async def _serve(cfg: Config) -> None:
             await site.start()
             sockets = getattr(site._server, "sockets", None) or []
             http_port = sockets[0].getsockname()[1] if sockets else cfg.web.port
+            host = f"[{cfg.web.host}]" if ":" in cfg.web.host else cfg.web.host
+            app[origin_key]["origin"] = f"http://{host}:{http_port}"
             log.info("anim %s ready: DIMSE %s@%s:%d, HTTP http://%s:%d/, data in %s",
                      __version__, cfg.dimse.aet, cfg.dimse.host, ports.get("dimse", 0),
                      cfg.web.host, http_port, cfg.storage.data_dir)
@@ -164,6 +168,26 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _setup_logging("WARNING", args.debug)
+    with Archive.open(cfg) as archive:
+        n = archive.index.delete(args.study, args.series, args.instance)
+    print(f"{n} instance(s) removed from the index (blobs stay until garbage collection)")
+    return 0
+
+
+def cmd_changes(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = _config(args)
+    _setup_logging("WARNING", args.debug)
+    with Archive.open(cfg) as archive:
+        for entry in archive.index.change_feed(args.since, args.limit):
+            print(json.dumps(entry))
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------
 
 
@@ -208,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("action", choices=["list", "promote", "reject"])
     q.add_argument("version", type=int, nargs="?")
     q.set_defaults(func=cmd_quarantine)
+
+    d = sub.add_parser("delete", help="remove a study, series or instance (a change event)")
+    _common(d)
+    d.add_argument("study")
+    d.add_argument("--series")
+    d.add_argument("--instance")
+    d.set_defaults(func=cmd_delete)
+
+    c = sub.add_parser("changes", help="print the change sequence as JSON lines")
+    _common(c)
+    c.add_argument("--since", type=int, default=0)
+    c.add_argument("--limit", type=int, default=100)
+    c.set_defaults(func=cmd_changes)
     return parser
 
 

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from anim import Archive, WebConfig
-from web import cors, routes
+from web import cors, routes, webhooks
 from web.errors import errors_middleware
-from web.keys import archive_key, config_key, executor_key, stream_executor_key
+from web.keys import archive_key, config_key, executor_key, origin_key, stream_executor_key
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ def create_app(archive: Archive, cfg: WebConfig,
     app.on_response_prepare.append(cors.on_prepare)
     app[archive_key] = archive
     app[config_key] = cfg
+    app[origin_key] = {}
     app.cleanup_ctx.append(_executor)
+    app.cleanup_ctx.append(webhooks.background)
     for ctx in extra_ctx:
         app.cleanup_ctx.append(ctx)
     routes.setup_routes(app)

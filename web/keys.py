@@ -19,6 +19,8 @@ executor_key = web.AppKey("executor", ThreadPoolExecutor)
 # streamed responses hold a thread while the client reads: their own pool, so slow or
 # stalled readers can never starve short requests (QIDO, /health) of threads
 stream_executor_key = web.AppKey("stream_executor", ThreadPoolExecutor)
+# {"origin": "http://host:port"} once the HTTP socket is bound (links in webhooks)
+origin_key = web.AppKey("origin", dict)
 
 
 async def run_sync(request: web.Request, fn: Callable[..., T], *args: Any) -> T:

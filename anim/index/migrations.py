@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, inspect, select
+from sqlalchemy import Connection, Engine, func, inspect, select
 
 from anim.errors import StorageUnavailable
 from anim.index import schema
@@ -43,10 +43,34 @@ def _v3_version_new_bytes(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE version ADD COLUMN new_bytes BIGINT")
 
 
+def _v4_hcm(conn: Connection) -> None:
+    """Study stability, patient keys on changes, the gap-free change counter, webhooks."""
+    insp = inspect(conn)
+    have = {t: {c["name"] for c in insp.get_columns(t)} for t in ("study", "change")}
+    for table, column, ddl in (
+        ("study", "settled", "INTEGER NOT NULL DEFAULT 1"),  # old studies: not re-announced
+        ("study", "changed_at", "VARCHAR(32) NOT NULL DEFAULT ''"),
+        ("study", "stable_events", "INTEGER NOT NULL DEFAULT 0"),
+        ("change", "patient_id", "VARCHAR(64) NOT NULL DEFAULT ''"),
+        ("change", "issuer", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    ):
+        if column not in have[table]:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+    if "ix_study_unsettled" not in {i["name"] for i in insp.get_indexes("study")}:
+        conn.exec_driver_sql("CREATE INDEX ix_study_unsettled ON study (settled, changed_at)")
+    for t in (schema.counter, schema.webhook_cursor, schema.webhook_outbox):
+        t.create(conn, checkfirst=True)
+    if conn.execute(select(schema.counter.c.value).where(
+            schema.counter.c.name == "change")).first() is None:
+        top = conn.execute(select(func.max(schema.change.c.seq))).scalar() or 0
+        conn.execute(schema.counter.insert().values(name="change", value=int(top)))
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "prefix-match indexes for PostgreSQL", _v2_pattern_indexes),
     (3, "bytes each version added to the blob store", _v3_version_new_bytes),
+    (4, "study stability, gap-free change counter, webhook outbox", _v4_hcm),
 ]
 
 LATEST = STEPS[-1][0]

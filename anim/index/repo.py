@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, case, func, select, update
@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from anim.errors import AnimError, NotFound, StorageUnavailable
-from anim.index.schema import change, instance, patient, series, study, version
+from anim.index.schema import change, counter, instance, patient, series, study, version
 from anim.models import (
     Source,
     StoredInstance,
@@ -108,16 +108,20 @@ class GroupCommitter:
 
     def _apply(self, conn: Connection, work: _Work) -> tuple[Any, BaseException | None]:
         """Run one write in its own SAVEPOINT; its failure is its caller's alone."""
+        pending = _pending_changes(conn)
+        mark = len(pending)
         try:
             with conn.begin_nested():
                 return work(conn, self._cache), None
         except (AnimError, IntegrityError) as e:
             self._cache.clear()
+            del pending[mark:]  # its changes were rolled back with it
             return None, e
         except OperationalError:
             raise  # the connection or database is in trouble: the whole batch fails
         except Exception as e:
             self._cache.clear()
+            del pending[mark:]
             log.exception("index: unexpected error in a write")
             return None, e
 
@@ -154,7 +158,33 @@ class GroupCommitter:
                      ) -> list[tuple[Any, BaseException | None]]:
         conn_cm = self._engine.connect().execution_options(anim_writer=True)
         with conn_cm as conn, conn.begin():
-            return [self._apply(conn, work) for work, _fut in batch]
+            conn.info["anim_changes"] = []
+            results = [self._apply(conn, work) for work, _fut in batch]
+            _flush_changes(conn)
+            return results
+
+
+def _pending_changes(conn: Connection) -> list[dict[str, Any]]:
+    return conn.info.setdefault("anim_changes", [])  # type: ignore[no-any-return]
+
+
+def _flush_changes(conn: Connection) -> None:
+    """Number this transaction's changes and write them, as its last statements.
+
+    The counter row is locked from here to COMMIT, so transactions take their numbers
+    in commit order and a rolled-back one gives its numbers back: readers of the change
+    sequence never see a hole that fills later. Taking it last keeps the lock short
+    and means no transaction waits for another lock while holding it (no deadlock).
+    """
+    pending = _pending_changes(conn)
+    if not pending:
+        return
+    top = conn.execute(update(counter).where(counter.c.name == "change")
+                       .values(value=counter.c.value + len(pending))
+                       .returning(counter.c.value)).scalar_one()
+    first = int(top) - len(pending) + 1
+    conn.execute(change.insert(), [{**c, "seq": first + n} for n, c in enumerate(pending)])
+    pending.clear()
 
 
 _RETRIES = 6
@@ -201,6 +231,22 @@ class Index:
 
     def reject(self, version_id: int) -> VersionInfo:
         return self._writer.submit(lambda conn, _cache: _reject(conn, version_id))
+
+    def delete(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None) -> int:
+        """Remove a study, series or instance from the index; return the number of
+        instances removed. Each removal is an entry of the change sequence; the blobs
+        stay until garbage collection (nothing is overwritten or erased here)."""
+        return int(self._writer.submit(
+            lambda conn, cache: _delete(conn, cache, study_uid, series_uid, sop_uid)))
+
+    def settle(self, quiet_seconds: float, limit: int = 500) -> list[str]:
+        """Mark studies quiet for *quiet_seconds* as stable: a ``study_stable`` change
+        the first time, ``study_updated`` after a later change. Safe to run on every
+        node at once: the conditional UPDATE lets exactly one of them announce it."""
+        cutoff = (datetime.now(UTC) - timedelta(seconds=quiet_seconds)).isoformat(
+            timespec="microseconds")
+        return list(self._writer.submit(lambda conn, _cache: _settle(conn, cutoff, limit)))
 
     # ---- reads ----------------------------------------------------------------
 
@@ -411,6 +457,35 @@ class Index:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
+    def last_seq(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(change.c.seq))).scalar() or 0)
+
+    def change_feed(self, since: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Entries after *since*, in order, each with the *current* state of what it
+        names: an instance ``current`` / ``replaced`` / ``deleted`` / ``quarantined`` /
+        ``rejected``, a study ``stable`` / ``receiving`` / ``deleted``."""
+        c, v, i, s = change, version, instance, study
+        q = (select(c, v.c.state.label("v_state"), i.c.current_version_fk.label("i_cur"),
+                    i.c.id.label("i_id"), s.c.settled.label("s_settled"),
+                    s.c.id.label("s_id"))
+             .select_from(c.outerjoin(v, v.c.id == c.c.version_fk)
+                          .outerjoin(i, and_(i.c.sop_uid == c.c.sop_uid, c.c.sop_uid != ""))
+                          .outerjoin(s, s.c.study_uid == c.c.study_uid))
+             .where(c.c.seq > since).order_by(c.c.seq).limit(limit))
+        out = []
+        with self.engine.connect() as conn:
+            for r in conn.execute(q).mappings():
+                entry = {k: r[k] for k in ("seq", "at", "kind", "study_uid", "series_uid",
+                                           "sop_uid", "patient_id", "issuer")}
+                entry["state"] = _current_state(r)
+                out.append(entry)
+        return out
+
+    def study_state(self, study_uid: str) -> str:
+        """``stable`` or ``receiving`` (NotFound when the study is not held)."""
+        return "stable" if self.study_row(study_uid)["settled"] else "receiving"
+
 
 def _in_scope(q: Any, study_uid: str, series_uid: str | None, sop_uid: str | None) -> Any:
     """*q* over the current versions of the instances of a study / series / instance."""
@@ -461,12 +536,17 @@ def _version_info(r: Any) -> VersionInfo:
 
 def _get_or_create(conn: Connection, table: Any, key: dict[str, Any],
                    values: dict[str, Any]) -> tuple[int, bool]:
-    """Upsert-by-key that is safe across processes (ON CONFLICT DO NOTHING)."""
+    """Upsert-by-key that is safe across processes (ON CONFLICT DO NOTHING).
+
+    An existing row whose attributes differ is updated, and ``conn.info["anim_updated"]``
+    is set, so that the caller can tell (patient updated)."""
     cond = and_(*(table.c[k] == v for k, v in key.items()))
-    row = conn.execute(select(table.c.id).where(cond)).first()
+    row = conn.execute(select(table.c.id, *(table.c[c] for c in values)).where(cond)).first()
+    conn.info["anim_updated"] = False
     if row is not None:
-        if values:
+        if values and any(getattr(row, c) != v for c, v in values.items()):
             conn.execute(update(table).where(table.c.id == row.id).values(**values))
+            conn.info["anim_updated"] = True
         return int(row.id), False
     # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
     stmt = _insert(conn, table).values(**key, **values).on_conflict_do_nothing().returning(
@@ -500,11 +580,15 @@ def _attach(conn: Connection, k: dict[str, Any], at: str,
     Returns (study id, series id, study created, series created). The newest
     header wins for patient, study and series attributes.
     """
+    conn.info["anim_updated"] = False
     pid, _ = _cached(conn, cache, ("p", k["patient_id"], k["issuer"]), patient,
                      {"patient_id": k["patient_id"], "issuer": k["issuer"]}, {
         "patient_name": k["patient_name"], "patient_name_norm": k["patient_name_norm"],
         "birth_date": k["birth_date"], "sex": k["sex"],
     })
+    if conn.info["anim_updated"]:
+        # the newest header changed the patient's demographics
+        _log_change(conn, "patient_updated", {**k, "series_uid": "", "sop_uid": ""}, None, at)
     sid, study_new = _cached(conn, cache, ("st", k["study_uid"]), study,
                              {"study_uid": k["study_uid"]}, {
         "patient_fk": pid, "study_date": k["study_date"], "study_time": k["study_time"],
@@ -546,10 +630,20 @@ def _version_values(item: IngestItem, instance_id: int, state: VersionState,
     }
 
 
-def _log_change(conn: Connection, kind: str, k: dict[str, Any], version_id: int, at: str) -> None:
-    conn.execute(change.insert().values(
-        at=at, kind=kind, study_uid=k["study_uid"], series_uid=k["series_uid"],
-        sop_uid=k["sop_uid"], version_fk=version_id))
+def _log_change(conn: Connection, kind: str, k: dict[str, Any], version_id: int | None,
+                at: str) -> None:
+    """Queue an entry of the change sequence; numbered at commit (_flush_changes)."""
+    _pending_changes(conn).append({
+        "at": at, "kind": kind, "study_uid": k["study_uid"],
+        "series_uid": k.get("series_uid", ""), "sop_uid": k.get("sop_uid", ""),
+        "version_fk": version_id, "patient_id": k.get("patient_id", ""),
+        "issuer": k.get("issuer", "")})
+
+
+def _unsettle(conn: Connection, study_id: int, at: str) -> None:
+    """The study's content changed: it is stable again only after a quiet period."""
+    conn.execute(update(study).where(study.c.id == study_id)
+                 .values(settled=0, changed_at=at, updated_at=at))
 
 
 def _record(conn: Connection, item: IngestItem, cache: Cache) -> StoreResult:
@@ -607,6 +701,7 @@ def _record_new(conn: Connection, item: IngestItem, at: str, cache: Cache) -> St
                  .values(num_instances=series.c.num_instances + 1))
     conn.execute(update(study).where(study.c.id == study_id)
                  .values(num_instances=study.c.num_instances + 1, updated_at=at))
+    _unsettle(conn, study_id, at)
     if series_new:
         _refresh_study(conn, study_id)
     _log_change(conn, "instance_created", k, vid, at)
@@ -634,7 +729,8 @@ def _make_current(conn: Connection, inst_id: int, vid: int, k: dict[str, Any], a
                          .values(num_instances=study.c.num_instances + 1))
         for sid in {study_id, int(old.study_fk)}:
             _refresh_study(conn, sid)
-    conn.execute(update(study).where(study.c.id == study_id).values(updated_at=at))
+            _unsettle(conn, sid, at)
+    _unsettle(conn, study_id, at)
 
 
 def _load_version(conn: Connection, version_id: int) -> Any:
@@ -676,3 +772,98 @@ def _reject(conn: Connection, version_id: int) -> VersionInfo:
     conn.execute(update(version).where(version.c.id == version_id)
                  .values(state=VersionState.REJECTED.value))
     return _info(conn, version_id)
+
+
+def _current_state(r: Any) -> str:
+    kind = r["kind"]
+    if kind.startswith("study_"):
+        if r["s_id"] is None:
+            return "deleted"
+        return "stable" if r["s_settled"] else "receiving"
+    if kind.startswith("instance_"):
+        if r["i_id"] is None:
+            return "deleted"
+        if r["i_cur"] == r["version_fk"]:
+            return "current"
+        if r["v_state"] in (VersionState.QUARANTINED, VersionState.REJECTED):
+            return str(r["v_state"])
+        return "replaced"
+    return "current"
+
+
+def _settle(conn: Connection, cutoff: str, limit: int) -> list[str]:
+    rows = conn.execute(
+        select(study.c.id, study.c.study_uid, patient.c.patient_id, patient.c.issuer)
+        .join(patient, patient.c.id == study.c.patient_fk)
+        .where(study.c.settled == 0, study.c.changed_at <= cutoff)
+        .order_by(study.c.changed_at).limit(limit)).all()
+    settled = []
+    at = now()
+    for r in rows:
+        n = conn.execute(update(study).where(
+            study.c.id == r.id, study.c.settled == 0, study.c.changed_at <= cutoff)
+            .values(settled=1, stable_events=study.c.stable_events + 1)
+            .returning(study.c.stable_events)).scalar_one_or_none()
+        if n is None:
+            continue  # another node announced it, or it changed again meanwhile
+        kind = "study_stable" if n == 1 else "study_updated"
+        _log_change(conn, kind, {"study_uid": r.study_uid, "patient_id": r.patient_id,
+                                 "issuer": r.issuer}, None, at)
+        settled.append(r.study_uid)
+    return settled
+
+
+def _delete(conn: Connection, cache: Cache, study_uid: str, series_uid: str | None,
+            sop_uid: str | None) -> int:
+    cache.clear()  # it may remember rows that are about to go
+    st = conn.execute(select(study.c.id, study.c.patient_fk, patient.c.patient_id,
+                             patient.c.issuer).join(patient, patient.c.id == study.c.patient_fk)
+                      .where(study.c.study_uid == study_uid)).first()
+    if st is None:
+        raise NotFound(f"no study {study_uid}")
+    q = (select(instance.c.id, instance.c.sop_uid, instance.c.current_version_fk,
+                series.c.id.label("series_id"), series.c.series_uid)
+         .join(series, series.c.id == instance.c.series_fk).where(series.c.study_fk == st.id))
+    if series_uid is not None:
+        q = q.where(series.c.series_uid == series_uid)
+    if sop_uid is not None:
+        q = q.where(instance.c.sop_uid == sop_uid)
+    doomed = conn.execute(q).all()
+    if not doomed:
+        raise NotFound("nothing to delete in that scope")
+    at = now()
+    pk = {"study_uid": study_uid, "patient_id": st.patient_id, "issuer": st.issuer}
+    for r in doomed:
+        _log_change(conn, "instance_deleted",
+                    {**pk, "series_uid": r.series_uid, "sop_uid": r.sop_uid},
+                    r.current_version_fk, at)
+    ids = [r.id for r in doomed]
+    for chunk in range(0, len(ids), 500):
+        part = ids[chunk:chunk + 500]
+        conn.execute(update(instance).where(instance.c.id.in_(part))
+                     .values(current_version_fk=None))
+        conn.execute(version.delete().where(version.c.instance_fk.in_(part)))
+        conn.execute(instance.delete().where(instance.c.id.in_(part)))
+    for series_id in {r.series_id for r in doomed}:
+        left = conn.execute(select(func.count()).select_from(instance)
+                            .where(instance.c.series_fk == series_id)).scalar_one()
+        if left:
+            conn.execute(update(series).where(series.c.id == series_id)
+                         .values(num_instances=left))
+        else:
+            conn.execute(series.delete().where(series.c.id == series_id))
+    left = conn.execute(select(func.count()).select_from(
+        instance.join(series, series.c.id == instance.c.series_fk))
+        .where(series.c.study_fk == st.id)).scalar_one()
+    if left:
+        conn.execute(update(study).where(study.c.id == st.id).values(num_instances=left))
+        _refresh_study(conn, st.id)
+        _unsettle(conn, st.id, at)
+    else:
+        conn.execute(study.delete().where(study.c.id == st.id))
+        conn.execute(update(patient).where(patient.c.id == st.patient_fk)
+                     .values(num_studies=patient.c.num_studies - 1))
+        conn.execute(patient.delete().where(patient.c.id == st.patient_fk,
+                                            patient.c.num_studies <= 0))
+        _log_change(conn, "study_deleted", pk, None, at)
+    return len(doomed)

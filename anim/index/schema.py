@@ -65,6 +65,12 @@ study = Table(
     Column("num_series", Integer, nullable=False, default=0),
     Column("num_instances", Integer, nullable=False, default=0),
     Column("updated_at", String(32), nullable=False, default=""),
+    # study stability (docs/hcm.md): 0 from any change of its content until it has been
+    # quiet for [hcm].stable_after; changed_at is that last change (migration 4)
+    Column("settled", Integer, nullable=False, default=0),
+    Column("changed_at", String(32), nullable=False, default=""),
+    Column("stable_events", Integer, nullable=False, default=0),
+    Index("ix_study_unsettled", "settled", "changed_at"),
 )
 
 series = Table(
@@ -129,4 +135,45 @@ change = Table(
     Column("series_uid", String(64), nullable=False, default=""),
     Column("sop_uid", String(64), nullable=False, default=""),
     Column("version_fk", _Id, nullable=True),
+    Column("patient_id", String(64), nullable=False, default=""),  # migration 4
+    Column("issuer", String(64), nullable=False, default=""),
+)
+
+# Named counters. "change" hands out the change sequence: taken with a row lock at the
+# end of each write transaction, so numbers are committed in order and without holes
+# even with several archive processes on one database (a database sequence is neither).
+counter = Table(
+    "counter",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+# Webhooks: how far each endpoint's fan-out has read the change sequence ...
+webhook_cursor = Table(
+    "webhook_cursor",
+    metadata,
+    Column("endpoint", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
+
+# ... and the persistent outbox of notifications, delivered in order per study.
+webhook_outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("endpoint", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("due_ms", BigInteger, nullable=False, default=0),  # next attempt, epoch ms
+    Column("lease_ms", BigInteger, nullable=False, default=0),  # claimed until, epoch ms
+    Column("last_error", String(256), nullable=False, default=""),
+    Column("delivered_at", String(32), nullable=False, default=""),
+    UniqueConstraint("endpoint", "seq", name="uq_webhook_outbox_seq"),
+    Index("ix_webhook_outbox_pending", "endpoint", "state", "study_uid", "id"),
 )

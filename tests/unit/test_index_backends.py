@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import random
 import threading
 from collections import Counter, defaultdict
@@ -185,9 +184,13 @@ def test_correction_from_same_institution_becomes_current(archive: Archive) -> N
     assert archive.read_bytes(uid, versions[0].id) == original
     after = archive.index.counts()
     assert after == {**before, "version": before["version"] + 1,
-                     "change": before["change"] + 1}
+                     "change": before["change"] + 2}
     row = archive.index.study_row(res.study_instance_uid)
     assert row["patient_name"] == "DOE^JANE^MARIE"  # the newest header wins
+    # the new name is a patient update, then the instance's replacement
+    news = archive.index.change_feed(before["change"], 10)
+    assert [(c["kind"], c["sop_uid"]) for c in news] == [
+        ("patient_updated", ""), ("instance_replaced", uid)]
 
 
 def test_other_institution_is_quarantined_and_current_is_unchanged(archive: Archive) -> None:
@@ -235,7 +238,7 @@ def test_promoting_a_quarantined_version_makes_it_current(archive: Archive) -> N
     assert archive.quarantined() == []
     assert archive.index.study_row(info.study_instance_uid)["patient_name"] == "OTHER^PERSON"
     assert [c["kind"] for c in archive.index.changes_since(changes_before)] == [
-        "instance_replaced"]
+        "patient_updated", "instance_replaced"]
     with pytest.raises(NotFound, match="not quarantined"):
         archive.promote(vid)
 
@@ -322,12 +325,12 @@ def test_changes_since_pages_through_a_strictly_increasing_sequence(archive: Arc
         seen.extend(page)
         seq = page[-1]["seq"]
     seqs = [c["seq"] for c in seen]
-    assert all(a < b for a, b in itertools.pairwise(seqs))
-    assert len(seen) == archive.index.counts()["change"] == len(facts().instances) + 2
+    assert seqs == list(range(1, len(seqs) + 1))  # gap-free, in order
+    assert len(seen) == archive.index.counts()["change"] == len(facts().instances) + 3
     assert archive.index.changes_since(seqs[-1]) == []
     assert Counter(c["kind"] for c in seen) == {
         "instance_created": len(facts().instances), "instance_replaced": 1,
-        "instance_quarantined": 1}
+        "instance_quarantined": 1, "patient_updated": 1}
     created = [c["sop_uid"] for c in seen if c["kind"] == "instance_created"]
     assert created == list(facts().instances)  # stored in this order
 
