@@ -21,6 +21,7 @@ from anim.errors import NotAcceptable, SOPClassMismatch, StudyMismatch
 from anim.index import search
 from anim.index.engine import make_engine
 from anim.index.migrations import migrate
+from anim.index.outbox import Outbox
 from anim.index.repo import Index, IngestItem
 from anim.models import Source, StoredInstance, StoreResult, VersionInfo, VersionState
 from anim.query import Level, Query
@@ -38,6 +39,7 @@ class Archive:
         self.cfg = cfg
         self.blobs = blobs
         self.index = index
+        self.outbox = Outbox(index.engine)  # webhook notifications (docs/hcm.md)
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="anim-blob")
 
     def _put(self, piece: memoryview) -> tuple[str, int]:

@@ -111,6 +111,9 @@ class Webhook:
 class HcmConfig:
     # a study is stable once no instance arrived, changed or went for this long
     stable_after: float = 60.0
+    # store the study's KOS manifest in the archive (series "anim-manifest") each time
+    # it becomes stable, so that WADO-RS and C-MOVE serve it like any instance
+    store_manifest: bool = False
     # Retrieve AE Title put in manifests; empty = [dimse].aet
     retrieve_aet: str = ""
     webhooks: tuple[Webhook, ...] = ()

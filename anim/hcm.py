@@ -7,10 +7,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from anim.studyinfo import StudyInfo
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from anim.archive import Archive
+
+log = logging.getLogger(__name__)
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
 
@@ -49,6 +58,49 @@ def study_reference(info: StudyInfo, *, state: str, origin: str, retrieve_aet: s
             "url": f"{origin}/hcm/studies/{study}/manifest",
         },
     }
+
+
+def build_manifest(archive: Archive, study_uid: str, wado_root: str) -> Dataset:
+    """The study's KOS manifest (XDS-I.b / MADO). Reproducible: its UIDs come from the
+    study's content and its content time is the study's last change, so every node
+    builds the same bytes for the same study."""
+    from anim.manifest import build_kos
+
+    info = archive.index.study_info(study_uid)
+    cfg = archive.cfg
+    when = (datetime.fromisoformat(info.updated_at) if info.updated_at
+            else datetime(1970, 1, 1, tzinfo=UTC))
+    return build_kos(info, wado_root=wado_root,
+                     retrieve_aet=cfg.hcm.retrieve_aet or cfg.dimse.aet, content_time=when,
+                     institution=cfg.web.institution)
+
+
+def store_manifest(archive: Archive, study_uid: str, wado_root: str) -> str | None:
+    """Store the manifest of a study that just became stable as an instance of the study
+    (its own series), and remove the outdated ones; return its SOP Instance UID.
+
+    Neither step makes the study unstable again: the manifest describes the study, it
+    is not new content (DESIGN: "stability").
+    """
+    from anim.index.repo import MANIFEST_PROTOCOL
+    from anim.manifest import kos_part10, manifest_content, manifest_series_uid
+    from anim.models import Source
+
+    info = archive.index.study_info(study_uid)
+    if manifest_content(info).num_instances == 0:
+        return None  # nothing but manifests left
+    ds = build_manifest(archive, study_uid, wado_root)
+    aet = archive.cfg.hcm.retrieve_aet or archive.cfg.dimse.aet
+    archive.store(kos_part10(ds), Source(institution=archive.cfg.web.institution,
+                                         ae_title=aet, protocol=MANIFEST_PROTOCOL))
+    own = manifest_series_uid(study_uid)
+    for s in info.series:
+        if s.series_uid != own:
+            continue
+        for old in s.instances:
+            if old.sop_uid != ds.SOPInstanceUID:
+                archive.index.delete(study_uid, own, old.sop_uid, unsettle=False)
+    return str(ds.SOPInstanceUID)
 
 
 def event_payload(entry: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:

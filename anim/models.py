@@ -67,3 +67,16 @@ class StoredInstance:
     blob_keys: tuple[str, ...]  # header, [pixels], [trailer]
     size: int  # total bytes including prefix
     version_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A webhook notification taken from the outbox for delivery."""
+
+    id: int
+    endpoint: str
+    seq: int
+    kind: str
+    study_uid: str
+    payload: str  # the JSON body, fixed when it was queued
+    attempts: int  # deliveries tried so far

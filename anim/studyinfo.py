@@ -17,6 +17,7 @@ class InstanceInfo:
     number: int | None
     num_frames: int | None
     transfer_syntax: str
+    version_id: int = 0  # the current version: a correction changes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +58,12 @@ class StudyInfo:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 over the study's current instance UIDs: two readings of the same
-        content give the same value (stable manifest UIDs, ETags)."""
+        """SHA-256 over the study's current instances and their versions: two readings
+        of the same content give the same value, a correction another (manifest UIDs)."""
         h = hashlib.sha256(self.study_uid.encode())
         for s in sorted(self.series, key=lambda s: s.series_uid):
             for i in sorted(s.instances, key=lambda i: i.sop_uid):
-                h.update(f"|{s.series_uid}/{i.sop_uid}".encode())
+                h.update(f"|{s.series_uid}/{i.sop_uid}@{i.version_id}".encode())
         return h.hexdigest()
 
 

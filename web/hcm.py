@@ -8,15 +8,15 @@ webhooks, web/webhooks.py).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from pydicom import dcmread
 
 from anim import Archive
-from anim.hcm import study_reference
-from anim.index.outbox import Outbox
+from anim.hcm import build_manifest, study_reference
 from web.errors import fail
 from web.keys import archive_key, run_sync
 from web.media import parse_accept
@@ -84,20 +84,6 @@ async def reference(request: web.Request) -> web.Response:
     return web.json_response(ref)
 
 
-def build_manifest(archive: Archive, study_uid: str, wado_root: str) -> Any:
-    """The study's KOS manifest (XDS-I.b / MADO), reproducible: its UIDs come from the
-    study's content and its content time is the study's last change."""
-    from anim.manifest import build_kos
-
-    info = archive.index.study_info(study_uid)
-    cfg = archive.cfg
-    when = (datetime.fromisoformat(info.updated_at) if info.updated_at
-            else datetime(1970, 1, 1, tzinfo=UTC))
-    return build_kos(info, wado_root=wado_root,
-                     retrieve_aet=cfg.hcm.retrieve_aet or cfg.dimse.aet, content_time=when,
-                     institution=cfg.web.institution)
-
-
 async def manifest(request: web.Request) -> web.Response:
     """GET /hcm/studies/{study}/manifest — the KOS as a Part 10 file (application/dicom),
     or as DICOM JSON when the client asks for application/dicom+json."""
@@ -111,10 +97,12 @@ async def manifest(request: web.Request) -> web.Response:
     etag = f'"{ds.SOPInstanceUID}"'
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})
-    if as_json:
-        return web.Response(text=json.dumps(ds.to_json_dict()), headers={"ETag": etag},
-                            content_type="application/dicom+json")
     body = await run_sync(request, kos_part10, ds)
+    if as_json:
+        # from the encoded bytes: highdicom leaves value objects pydicom's JSON cannot take
+        text = json.dumps(dcmread(io.BytesIO(body)).to_json_dict())
+        return web.Response(text=text, headers={"ETag": etag},
+                            content_type="application/dicom+json")
     return web.Response(body=body, content_type="application/dicom", headers={
         "ETag": etag,
         "Content-Disposition": f'attachment; filename="{ds.SOPInstanceUID}.dcm"'})
@@ -123,7 +111,7 @@ async def manifest(request: web.Request) -> web.Response:
 async def webhooks(request: web.Request) -> web.Response:
     """GET /api/admin/webhooks — the outbox per endpoint: pending, delivered, errors."""
     archive = request.app[archive_key]
-    status = await run_sync(request, Outbox(archive.index.engine).status)
+    status = await run_sync(request, archive.outbox.status)
     configured = {w.name: w for w in archive.cfg.hcm.webhooks}
     for s in status:
         hook = configured.get(s["endpoint"])

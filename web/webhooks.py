@@ -22,8 +22,8 @@ from aiohttp import web
 from anim import Archive, __version__
 from anim.config import Webhook
 from anim.errors import NotFound
-from anim.hcm import event_payload, signed_headers, study_reference
-from anim.index.outbox import Notification, Outbox
+from anim.hcm import event_payload, signed_headers, store_manifest, study_reference
+from anim.models import Notification
 from web.keys import archive_key, origin_key
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,26 @@ async def _settle_loop(app: web.Application) -> None:
             done = await loop.run_in_executor(None, archive.index.settle, quiet)
             if done:
                 log.info("hcm: %d stud%s stable", len(done), "y" if len(done) == 1 else "ies")
+                if archive.cfg.hcm.store_manifest:
+                    await _store_manifests(app, done)
                 continue  # there may be more than one sweep's worth
         except Exception as e:  # the sweep must outlive a database hiccup
             log.warning("hcm: stability sweep failed: %s", type(e).__name__)
         await asyncio.sleep(interval)
+
+
+async def _store_manifests(app: web.Application, studies: list[str]) -> None:
+    archive: Archive = app[archive_key]
+    loop = asyncio.get_running_loop()
+    wado_root = origin(app) + "/dicom-web"
+    for uid in studies:
+        try:
+            await loop.run_in_executor(None, store_manifest, archive, uid, wado_root)
+        except NotFound:
+            pass  # deleted meanwhile
+        except Exception as e:
+            # the study is still announced; its manifest is served by /hcm regardless
+            log.warning("hcm: storing a manifest failed: %s", type(e).__name__)
 
 
 async def _post(session: aiohttp.ClientSession, hook: Webhook, note: Notification
@@ -93,7 +109,7 @@ async def _post(session: aiohttp.ClientSession, hook: Webhook, note: Notificatio
 
 async def _deliver_loop(app: web.Application, hook: Webhook) -> None:
     archive: Archive = app[archive_key]
-    outbox = Outbox(archive.index.engine)
+    outbox = archive.outbox
     build = payload_builder(app)
     loop = asyncio.get_running_loop()
     lease_ms = int((hook.timeout + 5) * 1000)
@@ -138,7 +154,13 @@ async def _deliver_loop(app: web.Application, hook: Webhook) -> None:
 @contextlib.asynccontextmanager
 async def background(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: run the sweep and one delivery loop per configured webhook."""
-    hcm = app[archive_key].cfg.hcm
+    archive: Archive = app[archive_key]
+    hcm = archive.cfg.hcm
+    for hook in hcm.webhooks:
+        # before the archive accepts anything, so that a new endpoint misses nothing
+        seq = await asyncio.get_running_loop().run_in_executor(
+            None, archive.outbox.register, hook.name)
+        log.info("hcm: webhook %s notified of changes after %d", hook.name, seq)
     tasks = [asyncio.create_task(_settle_loop(app), name="hcm-settle")]
     for hook in hcm.webhooks:
         tasks.append(asyncio.create_task(_deliver_loop(app, hook), name=f"hcm-{hook.name}"))

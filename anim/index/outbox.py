@@ -11,45 +11,47 @@ delivered: order per study, no head-of-line blocking across studies.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from anim.index.repo import _insert, now
 from anim.index.schema import change, webhook_cursor, webhook_outbox
+from anim.models import Notification
 
 o = webhook_outbox
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    id: int
-    endpoint: str
-    seq: int
-    kind: str
-    study_uid: str
-    payload: str
-    attempts: int
 
 
 class Outbox:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def fan_out(self, endpoint: str, kinds: frozenset[str],
-                build: Callable[[dict[str, Any]], dict[str, Any]], batch: int = 200) -> int:
-        """Queue the endpoint's next matching changes; return how many were queued.
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        # anim_writer: SQLite takes its write lock at BEGIN (anim.index.engine), so a
+        # transaction that reads first never fails to upgrade while ingest writes
+        with self.engine.connect().execution_options(anim_writer=True) as conn, conn.begin():
+            yield conn
 
-        A new endpoint starts at the end of the sequence: history is for the change
-        feed and FHIR search, not for a flood of notifications.
+    def register(self, endpoint: str) -> int:
+        """Give a newly configured endpoint its cursor, at the end of the sequence
+        (history is for the change feed and FHIR search, not a flood of notifications);
+        a known endpoint keeps its own. Called at start-up, before anything is received.
         """
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             start = int(conn.execute(select(func.max(change.c.seq))).scalar() or 0)
             conn.execute(_insert(conn, webhook_cursor).values(endpoint=endpoint, seq=start)
                          .on_conflict_do_nothing())
+            return int(conn.execute(select(webhook_cursor.c.seq).where(
+                webhook_cursor.c.endpoint == endpoint)).scalar_one())
+
+    def fan_out(self, endpoint: str, kinds: frozenset[str],
+                build: Callable[[dict[str, Any]], dict[str, Any]], batch: int = 200) -> int:
+        """Queue the endpoint's next matching changes; return how many were queued."""
+        with self._write() as conn:
             # FOR UPDATE: fan-outs of one endpoint on several nodes take turns
             cursor = int(conn.execute(select(webhook_cursor.c.seq).where(
                 webhook_cursor.c.endpoint == endpoint).with_for_update()).scalar_one())
@@ -77,7 +79,7 @@ class Outbox:
         heads = (select(func.min(o.c.id)).where(o.c.endpoint == endpoint,
                                                 o.c.state == "pending")
                  .group_by(o.c.study_uid))
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             rows = conn.execute(
                 select(o).where(o.c.id.in_(heads), o.c.due_ms <= now_ms,
                                 o.c.lease_ms <= now_ms)
@@ -93,13 +95,13 @@ class Outbox:
             return claimed
 
     def delivered(self, note_id: int) -> None:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(update(o).where(o.c.id == note_id).values(
                 state="delivered", delivered_at=now(), lease_ms=0,
                 attempts=o.c.attempts + 1, last_error=""))
 
     def failed(self, note_id: int, due_ms: int, error: str) -> None:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(update(o).where(o.c.id == note_id).values(
                 attempts=o.c.attempts + 1, due_ms=due_ms, lease_ms=0,
                 last_error=error[:256]))
@@ -134,6 +136,6 @@ class Outbox:
 
     def prune(self, before: str) -> int:
         """Forget notifications delivered before *before* (ISO time)."""
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             return int(conn.execute(o.delete().where(
                 o.c.state == "delivered", o.c.delivered_at < before)).rowcount or 0)

@@ -62,6 +62,7 @@ class IngestItem:
 
 
 Cache = dict[tuple[str, ...], tuple[Any, ...]]
+MANIFEST_PROTOCOL = "manifest"  # Source.protocol of the manifests the archive stores
 _Work = Callable[[Connection, Cache], Any]
 
 
@@ -233,12 +234,13 @@ class Index:
         return self._writer.submit(lambda conn, _cache: _reject(conn, version_id))
 
     def delete(self, study_uid: str, series_uid: str | None = None,
-               sop_uid: str | None = None) -> int:
+               sop_uid: str | None = None, unsettle: bool = True) -> int:
         """Remove a study, series or instance from the index; return the number of
         instances removed. Each removal is an entry of the change sequence; the blobs
-        stay until garbage collection (nothing is overwritten or erased here)."""
-        return int(self._writer.submit(
-            lambda conn, cache: _delete(conn, cache, study_uid, series_uid, sop_uid)))
+        stay until garbage collection (nothing is overwritten or erased here).
+        *unsettle* False: the study stays stable (an outdated stored manifest going)."""
+        return int(self._writer.submit(lambda conn, cache: _delete(
+            conn, cache, study_uid, series_uid, sop_uid, unsettle)))
 
     def settle(self, quiet_seconds: float, limit: int = 500) -> list[str]:
         """Mark studies quiet for *quiet_seconds* as stable: a ``study_stable`` change
@@ -427,7 +429,8 @@ class Index:
         q = (select(series.c.series_uid, series.c.series_number, series.c.modality,
                     series.c.description, series.c.body_part, instance.c.sop_uid,
                     instance.c.sop_class_uid, instance.c.instance_number,
-                    instance.c.num_frames, version.c.transfer_syntax)
+                    instance.c.num_frames, version.c.transfer_syntax,
+                    instance.c.current_version_fk)
              .select_from(series.join(instance, instance.c.series_fk == series.c.id)
                           .join(version, version.c.id == instance.c.current_version_fk))
              .where(series.c.study_fk == row["id"])
@@ -438,7 +441,8 @@ class Index:
             for r in conn.execute(q):
                 _s, insts = grouped.setdefault(r.series_uid, (r, []))
                 insts.append(InstanceInfo(r.sop_uid, r.sop_class_uid, r.instance_number,
-                                          r.num_frames, r.transfer_syntax))
+                                          r.num_frames, r.transfer_syntax,
+                                          int(r.current_version_fk)))
         return StudyInfo(
             study_uid=study_uid, accession_number=row["accession_number"],
             study_id=row["study_id"], study_date=row["study_date"],
@@ -447,7 +451,8 @@ class Index:
             modalities=tuple(m for m in row["modalities"].split("\\") if m),
             patient_id=row["patient_id"], issuer=row["issuer"],
             patient_name=row["patient_name"], birth_date=row["birth_date"], sex=row["sex"],
-            updated_at=row["updated_at"],
+            # the last change of content (a stored manifest is not one)
+            updated_at=row["changed_at"] or row["updated_at"],
             series=tuple(SeriesInfo(s.series_uid, s.series_number, s.modality,
                                     s.description, s.body_part, tuple(insts))
                          for s, insts in grouped.values()))
@@ -677,7 +682,8 @@ def _record(conn: Connection, item: IngestItem, cache: Cache) -> StoreResult:
     if cur is not None:
         conn.execute(update(version).where(version.c.id == cur.id)
                      .values(state=VersionState.SUPERSEDED.value))
-    _make_current(conn, inst_id, vid, k, at, cache)
+    _make_current(conn, inst_id, vid, k, at, cache,
+                  unsettle=item.source.protocol != MANIFEST_PROTOCOL)
     _log_change(conn, "instance_replaced", k, vid, at)
     return StoreResult(StoreOutcome.CORRECTED, k["sop_uid"], k["study_uid"], vid, item.new_bytes,
                        f"correction: version {vid} is now current")
@@ -701,7 +707,8 @@ def _record_new(conn: Connection, item: IngestItem, at: str, cache: Cache) -> St
                  .values(num_instances=series.c.num_instances + 1))
     conn.execute(update(study).where(study.c.id == study_id)
                  .values(num_instances=study.c.num_instances + 1, updated_at=at))
-    _unsettle(conn, study_id, at)
+    if item.source.protocol != MANIFEST_PROTOCOL:  # our own manifest changes nothing
+        _unsettle(conn, study_id, at)
     if series_new:
         _refresh_study(conn, study_id)
     _log_change(conn, "instance_created", k, vid, at)
@@ -709,7 +716,7 @@ def _record_new(conn: Connection, item: IngestItem, at: str, cache: Cache) -> St
 
 
 def _make_current(conn: Connection, inst_id: int, vid: int, k: dict[str, Any], at: str,
-                  cache: Cache) -> None:
+                  cache: Cache, unsettle: bool = True) -> None:
     """Point the instance at version *vid* and re-index it from that version's keys."""
     old = conn.execute(select(instance.c.series_fk, series.c.study_fk).join(
         series, series.c.id == instance.c.series_fk).where(instance.c.id == inst_id)).one()
@@ -730,7 +737,10 @@ def _make_current(conn: Connection, inst_id: int, vid: int, k: dict[str, Any], a
         for sid in {study_id, int(old.study_fk)}:
             _refresh_study(conn, sid)
             _unsettle(conn, sid, at)
-    _unsettle(conn, study_id, at)
+    if unsettle:
+        _unsettle(conn, study_id, at)
+    else:
+        conn.execute(update(study).where(study.c.id == study_id).values(updated_at=at))
 
 
 def _load_version(conn: Connection, version_id: int) -> Any:
@@ -814,7 +824,7 @@ def _settle(conn: Connection, cutoff: str, limit: int) -> list[str]:
 
 
 def _delete(conn: Connection, cache: Cache, study_uid: str, series_uid: str | None,
-            sop_uid: str | None) -> int:
+            sop_uid: str | None, unsettle: bool) -> int:
     cache.clear()  # it may remember rows that are about to go
     st = conn.execute(select(study.c.id, study.c.patient_fk, patient.c.patient_id,
                              patient.c.issuer).join(patient, patient.c.id == study.c.patient_fk)
@@ -844,7 +854,14 @@ def _delete(conn: Connection, cache: Cache, study_uid: str, series_uid: str | No
                      .values(current_version_fk=None))
         conn.execute(version.delete().where(version.c.instance_fk.in_(part)))
         conn.execute(instance.delete().where(instance.c.id.in_(part)))
-    for series_id in {r.series_id for r in doomed}:
+    _recount_after_removal(conn, st, {r.series_id for r in doomed}, pk, at, unsettle)
+    return len(doomed)
+
+
+def _recount_after_removal(conn: Connection, st: Any, series_ids: set[int],
+                           pk: dict[str, Any], at: str, unsettle: bool) -> None:
+    """Fix the counts of what a deletion left; drop emptied series, study, patient."""
+    for series_id in series_ids:
         left = conn.execute(select(func.count()).select_from(instance)
                             .where(instance.c.series_fk == series_id)).scalar_one()
         if left:
@@ -858,7 +875,8 @@ def _delete(conn: Connection, cache: Cache, study_uid: str, series_uid: str | No
     if left:
         conn.execute(update(study).where(study.c.id == st.id).values(num_instances=left))
         _refresh_study(conn, st.id)
-        _unsettle(conn, st.id, at)
+        if unsettle:
+            _unsettle(conn, st.id, at)
     else:
         conn.execute(study.delete().where(study.c.id == st.id))
         conn.execute(update(patient).where(patient.c.id == st.patient_fk)
@@ -866,4 +884,3 @@ def _delete(conn: Connection, cache: Cache, study_uid: str, series_uid: str | No
         conn.execute(patient.delete().where(patient.c.id == st.patient_fk,
                                             patient.c.num_studies <= 0))
         _log_change(conn, "study_deleted", pk, None, at)
-    return len(doomed)
