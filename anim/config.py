@@ -62,6 +62,14 @@ class DimseConfig:
     max_associations: int = 32
     network_timeout: float = 60.0
     allow_unknown_callers: bool = True
+    # a known AE with a host may only call from that address (docs/security.md)
+    check_peer_address: bool = True
+    # DICOM TLS (PS3.15 B.1/B.9): certificate and key make the port TLS-only;
+    # tls_ca + tls_client_auth require client certificates signed by that CA
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_auth: bool = False
     known_aes: tuple[KnownAE, ...] = ()
 
     def find_ae(self, title: str) -> KnownAE | None:
@@ -84,6 +92,8 @@ class WebConfig:
     qido_max_results: int = 1000  # a larger or absent limit is cut here, with a Warning
     institution: str = "DICOMweb"  # the institution STOW-RS stores are recorded under
     ohif_url: str = ""  # an OHIF viewer the web page links studies to; empty = no link
+    tls_cert: str = ""  # HTTPS when both are set
+    tls_key: str = ""
 
     @property
     def origins(self) -> frozenset[str]:
@@ -120,6 +130,67 @@ class HcmConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenIssuer:
+    """An OAuth 2.0 authorization server whose JWT access tokens the HTTP side accepts."""
+
+    name: str
+    issuer: str  # the tokens' "iss"
+    audience: str  # their required "aud"
+    jwks_file: str = ""  # its signing keys as a JWKS file, or
+    jwks_url: str = ""  # its JWKS URL (fetched and cached)
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """HTTP authentication (docs/security.md)."""
+
+    enabled: bool = False  # require a bearer token on every HTTP request but /health
+    institution_claim: str = "institution"  # the claim naming the caller's institution
+    read_scope: str = "anim.read"
+    write_scope: str = "anim.write"
+    admin_scope: str = "anim.admin"
+    # start without authentication on a non-loopback address anyway (explicit override)
+    allow_unauthenticated_remote: bool = False
+    issuers: tuple[TokenIssuer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InstitutionRule:
+    """What an institution sees besides its own studies."""
+
+    name: str
+    sees: frozenset[str] = frozenset()  # other institutions whose studies it sees
+    national: bool = False  # a national role: sees every study
+
+
+@dataclass(frozen=True, slots=True)
+class ShareRule:
+    """An explicit sharing rule: one study, or a patient's studies, shown to others."""
+
+    institutions: frozenset[str]
+    study_uid: str = ""
+    patient_id: str = ""
+    issuer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    # each caller sees only its institution's studies (and what rules share with it)
+    tenancy: bool = False
+    institutions: tuple[InstitutionRule, ...] = ()
+    shares: tuple[ShareRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    enabled: bool = True
+    # also send each record to an ATNA audit repository: udp://, tcp:// or tls://host:port
+    # (RFC 5424 over RFC 5426 / 6587 / 5425), the message a DICOM audit message (PS3.15 A.5)
+    syslog_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
 
@@ -131,6 +202,9 @@ class Config:
     dimse: DimseConfig = field(default_factory=DimseConfig)
     web: WebConfig = field(default_factory=WebConfig)
     hcm: HcmConfig = field(default_factory=HcmConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -146,6 +220,9 @@ _SECTIONS: dict[str, type] = {
     "dimse": DimseConfig,
     "web": WebConfig,
     "hcm": HcmConfig,
+    "auth": AuthConfig,
+    "security": SecurityConfig,
+    "audit": AuditConfig,
     "log": LogConfig,
 }
 
@@ -230,6 +307,68 @@ def _webhook_from_table(name: str, table: Mapping[str, Any]) -> Webhook:
                    timeout=timeout, max_backoff=backoff)
 
 
+def _strings(value: Any, what: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{what}: expected a list of names")
+    return frozenset(value)
+
+
+def _issuer_from_table(name: str, table: Mapping[str, Any]) -> TokenIssuer:
+    what = f"[auth.issuers.{name}]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{what} must be a table")
+    unknown = set(table) - {"issuer", "audience", "jwks_file", "jwks_url", "algorithms"}
+    if unknown:
+        raise ConfigError(f"{what}: unknown keys {sorted(unknown)}")
+    issuer, audience = str(table.get("issuer", "")), str(table.get("audience", ""))
+    jf, ju = str(table.get("jwks_file", "")), str(table.get("jwks_url", ""))
+    if not issuer or not audience:
+        raise ConfigError(f"{what}: issuer and audience are required")
+    if bool(jf) == bool(ju):
+        raise ConfigError(f"{what}: give exactly one of jwks_file and jwks_url")
+    algs = table.get("algorithms", ["RS256", "ES256"])
+    if (not isinstance(algs, list) or not algs
+            or any(a.lower() == "none" or a.upper().startswith("HS") for a in algs)):
+        # "none" is never a signature, and shared-secret algorithms would let anyone
+        # holding the public JWKS forge tokens (algorithm confusion)
+        raise ConfigError(f"{what}.algorithms: a list of asymmetric algorithms (RS*, ES*, PS*)")
+    return TokenIssuer(name=name, issuer=issuer, audience=audience, jwks_file=jf,
+                       jwks_url=ju, algorithms=tuple(str(a) for a in algs))
+
+
+def _institution_from_table(name: str, table: Mapping[str, Any]) -> InstitutionRule:
+    what = f"[security.institutions.{name}]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{what} must be a table")
+    unknown = set(table) - {"sees", "national"}
+    if unknown:
+        raise ConfigError(f"{what}: unknown keys {sorted(unknown)}")
+    national = table.get("national", False)
+    if not isinstance(national, bool):
+        raise ConfigError(f"{what}.national: expected true/false")
+    return InstitutionRule(name=name, sees=_strings(table.get("sees", []), f"{what}.sees"),
+                           national=national)
+
+
+def _share_from_table(n: int, table: Mapping[str, Any]) -> ShareRule:
+    what = f"[[security.shares]] #{n + 1}"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{what} must be a table")
+    unknown = set(table) - {"institutions", "study", "patient"}
+    if unknown:
+        raise ConfigError(f"{what}: unknown keys {sorted(unknown)}")
+    study, patient = str(table.get("study", "")), str(table.get("patient", ""))
+    if bool(study) == bool(patient):
+        raise ConfigError(f"{what}: give exactly one of study (a UID) and patient "
+                          "(ISSUER|ID)")
+    issuer, _, pid = patient.rpartition("|")
+    if patient and not pid:
+        raise ConfigError(f"{what}.patient: expected ISSUER|ID")
+    return ShareRule(institutions=_strings(table.get("institutions", []),
+                                           f"{what}.institutions"),
+                     study_uid=study, patient_id=pid, issuer=issuer)
+
+
 def _coerce(section: str, key: str, ftype: Any, value: Any) -> Any:
     what = f"[{section}].{key}"
     t = str(ftype)
@@ -256,6 +395,17 @@ def _coerce(section: str, key: str, ftype: Any, value: Any) -> Any:
     return str(value)
 
 
+# Keys holding tables of named tables (or, for shares, an array of tables): parsed by
+# their own function, appended to what earlier sources gave.
+_TABLES: dict[tuple[str, str], Any] = {
+    ("dimse", "known_aes"): lambda v: tuple(_known_ae_from_table(t, x) for t, x in v.items()),
+    ("auth", "issuers"): lambda v: tuple(_issuer_from_table(n, x) for n, x in v.items()),
+    ("security", "institutions"): lambda v: tuple(
+        _institution_from_table(n, x) for n, x in v.items()),
+    ("hcm", "webhooks"): lambda v: tuple(_webhook_from_table(n, x) for n, x in v.items()),
+}
+
+
 def _apply(cfg: Config, section: str, values: Mapping[str, Any], origin: str) -> Config:
     if section not in _SECTIONS:
         raise ConfigError(f"{origin}: unknown section [{section}]")
@@ -263,17 +413,16 @@ def _apply(cfg: Config, section: str, values: Mapping[str, Any], origin: str) ->
     fields = {f.name: f for f in dataclasses.fields(current)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
-        if section == "dimse" and key == "known_aes":
+        if (section, key) in _TABLES:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{origin}: [dimse.known_aes] must be a table of tables")
-            aes = tuple(_known_ae_from_table(t, v) for t, v in value.items())
-            changes["known_aes"] = current.known_aes + aes
+                raise ConfigError(f"{origin}: [{section}.{key}] must be a table of tables")
+            changes[key] = getattr(current, key) + _TABLES[section, key](value)
             continue
-        if section == "hcm" and key == "webhooks":
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{origin}: [hcm.webhooks] must be a table of tables")
-            hooks = tuple(_webhook_from_table(n, v) for n, v in value.items())
-            changes["webhooks"] = current.webhooks + hooks
+        if (section, key) == ("security", "shares"):
+            if not isinstance(value, list):
+                raise ConfigError(f"{origin}: [[security.shares]] must be an array of tables")
+            changes[key] = current.shares + tuple(
+                _share_from_table(n, v) for n, v in enumerate(value))
             continue
         if key not in fields:
             raise ConfigError(f"{origin}: unknown key {key!r} in [{section}]")
@@ -281,6 +430,20 @@ def _apply(cfg: Config, section: str, values: Mapping[str, Any], origin: str) ->
     if section == "storage" and changes.get("data_dir") is None and "data_dir" in changes:
         raise ConfigError(f"{origin}: [storage].data_dir must not be empty")
     return dataclasses.replace(cfg, **{section: dataclasses.replace(current, **changes)})
+
+
+def _validate_security(cfg: Config) -> None:
+    if cfg.auth.enabled and not cfg.auth.issuers:
+        raise ConfigError("[auth].enabled needs at least one [auth.issuers.NAME]")
+    if bool(cfg.web.tls_cert) != bool(cfg.web.tls_key):
+        raise ConfigError("[web].tls_cert and [web].tls_key go together")
+    if bool(cfg.dimse.tls_cert) != bool(cfg.dimse.tls_key):
+        raise ConfigError("[dimse].tls_cert and [dimse].tls_key go together")
+    if cfg.dimse.tls_client_auth and not (cfg.dimse.tls_ca and cfg.dimse.tls_cert):
+        raise ConfigError("[dimse].tls_client_auth needs tls_cert, tls_key and tls_ca")
+    url = cfg.audit.syslog_url
+    if url and not url.startswith(("udp://", "tcp://", "tls://")):
+        raise ConfigError("[audit].syslog_url: expected udp://, tcp:// or tls://host:port")
 
 
 def _validate(cfg: Config) -> Config:
@@ -297,6 +460,7 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("[index].batch_max must be at least 1")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"[log].level: expected DEBUG/INFO/WARNING/ERROR, got {cfg.log.level!r}")
+    _validate_security(cfg)
     if cfg.hcm.stable_after <= 0:
         raise ConfigError("[hcm].stable_after must be a positive number of seconds")
     if cfg.hcm.retrieve_aet:
