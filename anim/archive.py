@@ -16,15 +16,18 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from anim import dicomfile, dicomjson, transcode
+from anim.audit import AuditAction, AuditEvent, from_principal
 from anim.config import Config
-from anim.errors import NotAcceptable, SOPClassMismatch, StudyMismatch
+from anim.errors import AnimError, NotAcceptable, NotFound, SOPClassMismatch, StudyMismatch
 from anim.index import search
+from anim.index.audit_log import AuditRecorder
 from anim.index.engine import make_engine
 from anim.index.migrations import migrate
 from anim.index.outbox import Outbox
 from anim.index.repo import Index, IngestItem
 from anim.models import Source, StoredInstance, StoreResult, VersionInfo, VersionState
 from anim.query import Level, Query
+from anim.security import Principal, Viewer
 from anim.storage import BlobStore, FileBlobStore
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,10 @@ class Archive:
         self.blobs = blobs
         self.index = index
         self.outbox = Outbox(index.engine)  # webhook notifications (docs/hcm.md)
+        # the hash-chained audit trail (docs/security.md); events are queued and committed
+        # in batches by its own thread, so recording never waits for the database
+        self._audit = (AuditRecorder(index.engine, cfg.audit.syslog_url,
+                                     source_id=cfg.dimse.aet) if cfg.audit.enabled else None)
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="anim-blob")
 
     def _put(self, piece: memoryview) -> tuple[str, int]:
@@ -55,6 +62,8 @@ class Archive:
         return cls(cfg, blobs, Index(engine, cfg.index.batch_max))
 
     def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
         self._io.shutdown(wait=True)
         self.index.close()
 
@@ -67,7 +76,41 @@ class Archive:
 
     # ---- ingest -------------------------------------------------------------------
 
+    def audit(self, event: AuditEvent) -> None:
+        """Record *event* in the audit trail (queued; durable within a moment)."""
+        if self._audit is not None:
+            self._audit.record(event)
+
+    def flush_audit(self, timeout: float = 10.0) -> bool:
+        return self._audit.flush(timeout) if self._audit is not None else True
+
+    def patient_of(self, study_uid: str) -> tuple[str, str]:
+        """(PatientID, IssuerOfPatientID) of a study, ('', '') when not held."""
+        try:
+            row = self.index.study_row(study_uid)
+        except NotFound:
+            return "", ""
+        return str(row["patient_id"]), str(row["issuer"])
+
     def store(
+        self, data: bytes, source: Source, expect_sop_class: str | None = None,
+        expect_study: str | None = None, principal: Principal | None = None,
+    ) -> StoreResult:
+        """Store one object and leave a trace of it in the audit trail (see _store)."""
+        who = principal or _principal_of(source)
+        try:
+            result = self._store(data, source, expect_sop_class, expect_study)
+        except AnimError as e:
+            self.audit(from_principal(who, AuditAction.STORE, "failure",
+                                      reason=type(e).__name__, detail=source.protocol))
+            raise
+        pid, issuer = result.patient
+        self.audit(from_principal(who, AuditAction.STORE, "success", patient_id=pid,
+                                  issuer=issuer, study_uids=(result.study_instance_uid,),
+                                  detail=f"{source.protocol} {result.outcome.value}"))
+        return result
+
+    def _store(
         self, data: bytes, source: Source, expect_sop_class: str | None = None,
         expect_study: str | None = None,
     ) -> StoreResult:
@@ -117,7 +160,8 @@ class Archive:
         )
         result = dataclasses.replace(self.index.record(item),
                                      series_instance_uid=keys["series_uid"],
-                                     sop_class_uid=keys["sop_class_uid"])
+                                     sop_class_uid=keys["sop_class_uid"],
+                                     patient=(keys["patient_id"], keys["issuer"]))
         log.info("store %s from %s/%s: %s, %d new bytes, %.1f ms", result.sop_instance_uid,
                  source.ae_title or source.protocol, source.host, result.outcome.value,
                  new_bytes, (time.perf_counter() - t0) * 1000)
@@ -182,9 +226,16 @@ class Archive:
 
     def select(self, query: Query) -> list[StoredInstance]:
         """The current versions of the instances a retrieve identifier selects."""
-        q = Query(level=Level.IMAGE, match=dict(query.match), return_keys=("SOPInstanceUID",))
+        q = Query(level=Level.IMAGE, match=dict(query.match), return_keys=("SOPInstanceUID",),
+                  viewer=query.viewer)
         uids = [r["00080018"]["Value"][0] for r in self.find(q)]
         return self.index.locate_many(uids)
+
+    def check_visible(self, study_uid: str, viewer: Viewer | None) -> None:
+        """NotFound unless *viewer* may see the study (the query engine's tenancy filter;
+        a study the caller may not see answers as if it were not held)."""
+        if viewer is not None and not self.index.is_visible(study_uid, viewer):
+            raise NotFound(f"no study {study_uid}")
 
     def scoped(self, study_uid: str, series_uid: str | None = None,
                sop_uid: str | None = None, with_json: bool = False
@@ -235,3 +286,10 @@ class Archive:
         info = self.index.reject(version_id)
         log.info("quarantine: version %d of %s rejected", version_id, info.sop_instance_uid)
         return info
+
+
+def _principal_of(source: Source) -> Principal:
+    """Who stored, when the caller gave no principal: the sending AE, or the operator."""
+    kind = "ae" if source.protocol == "dimse" else "local"
+    return Principal(kind=kind, subject=source.ae_title or source.protocol,
+                     institution=source.institution, address=source.host)

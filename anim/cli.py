@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from anim import __version__
+from anim import __version__, audit_cli
 from anim.archive import Archive
 from anim.config import Config, load_config, parse_known_ae
 from anim.errors import AnimError, ConfigError
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--since", type=int, default=0)
     c.add_argument("--limit", type=int, default=100)
     c.set_defaults(func=cmd_changes)
+
+    audit_cli.add_parser(sub, _common)
     return parser
 
 

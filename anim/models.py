@@ -40,6 +40,7 @@ class StoreResult:
     message: str = ""
     series_instance_uid: str = ""
     sop_class_uid: str = ""
+    patient: tuple[str, str] = ("", "")  # (PatientID, IssuerOfPatientID)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from anim.errors import InvalidQuery
+from anim.security import Viewer
 
 
 class Level(enum.StrEnum):
@@ -112,6 +113,9 @@ class Query:
     # QIDO-RS includefield=all: also every attribute of the level held in the
     # stored metadata of a representative instance (PS3.18 8.3.4.3)
     include_all: bool = False
+    # whose eyes: None sees everything (tenancy off, the local operator, a national
+    # role); otherwise only the studies the caller's institution may see (docs/security.md)
+    viewer: Viewer | None = None
 
     def __post_init__(self) -> None:
         for kw, value in self.match.items():

@@ -40,10 +40,14 @@ LOCAL = Principal(kind="local", subject="local", institution="")
 
 @dataclass(frozen=True, slots=True)
 class Viewer:
-    """The filter the query engine applies for one caller."""
+    """The filter the query engine applies for one caller: a study is visible when one
+    of the institutions it sees sent some of its current content, or a sharing rule
+    names the study or its patient for the caller's institution."""
 
     institution: str
     sees: frozenset[str]  # institutions whose studies it sees (its own included)
+    shared_studies: frozenset[str] = frozenset()
+    shared_patients: frozenset[tuple[str, str]] = frozenset()  # (issuer, patient id)
 
 
 def viewer_for(principal: Principal, cfg: Config) -> Viewer | None:
@@ -57,4 +61,8 @@ def viewer_for(principal: Principal, cfg: Config) -> Viewer | None:
             if rule.national:
                 return None
             sees |= rule.sees
-    return Viewer(institution=principal.institution, sees=frozenset(sees))
+    mine = [r for r in cfg.security.shares if principal.institution in r.institutions]
+    return Viewer(
+        institution=principal.institution, sees=frozenset(sees),
+        shared_studies=frozenset(r.study_uid for r in mine if r.study_uid),
+        shared_patients=frozenset((r.issuer, r.patient_id) for r in mine if r.patient_id))

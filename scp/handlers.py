@@ -10,6 +10,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
 from anim import AnimError, Archive, DimseConfig, Source, StoreOutcome
+from anim.audit import AuditAction, from_principal
+from anim.security import Principal, Viewer, viewer_for
 from scp import status
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,18 @@ def source_of(cfg: DimseConfig, ae_title: str, host: str) -> Source:
     # An unknown caller (allowed in the embedded default) is its own institution.
     institution = known.institution_name if known else ae_title
     return Source(institution=institution, ae_title=ae_title, host=host, protocol="dimse")
+
+
+def principal_of(event: Event, cfg: DimseConfig) -> Principal:
+    """The caller of an association: its AE title, institution and address."""
+    ae_title, host = peer(event)
+    return Principal(kind="ae", subject=ae_title,
+                     institution=source_of(cfg, ae_title, host).institution, address=host)
+
+
+def viewer_of(event: Event, archive: Archive) -> Viewer | None:
+    """What the caller may see: the query engine's tenancy filter (docs/security.md)."""
+    return viewer_for(principal_of(event, archive.cfg.dimse), archive.cfg)
 
 
 def may(cfg: DimseConfig, ae_title: str, permission: str) -> bool:
@@ -61,6 +75,8 @@ def handle_store(event: Event, archive: Archive, cfg: DimseConfig) -> Any:
     ae_title, host = peer(event)
     if not may(cfg, ae_title, "store"):
         log.warning("C-STORE refused: %s (%s) may not store", ae_title, host)
+        archive.audit(from_principal(principal_of(event, cfg), AuditAction.STORE, "failure",
+                                     reason="not permitted", detail="dimse"))
         return status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not store")
     req = event.request
     try:

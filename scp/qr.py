@@ -5,6 +5,7 @@ Each handler: Identifier → anim.Query → one archive call → pynetdicom yiel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -17,10 +18,11 @@ from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from anim import AnimError, Archive, DimseConfig, InvalidQuery, KnownAE, StoredInstance
+from anim import AnimError, Archive, DimseConfig, InvalidQuery, KnownAE, Query, StoredInstance
+from anim.audit import AuditAction, from_principal
 from anim.transcode import UNCOMPRESSED
 from scp import identifiers, status
-from scp.handlers import handle_conn_open, may, peer, status_reply
+from scp.handlers import handle_conn_open, may, peer, principal_of, status_reply, viewer_of
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,16 @@ def _identifier(event: Event) -> Dataset:
 def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[Any]:
     ae_title, host = peer(event)
     if not may(cfg, ae_title, "find"):
+        _audit(event, archive, AuditAction.QUERY, "failure", None, "C-FIND",
+               reason="not permitted")
         yield status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not query"), None
         return
     t0 = time.perf_counter()
     try:
         ident = _identifier(event)
-        query = identifiers.to_query(ident, str(event.request.AffectedSOPClassUID))
+        query = dataclasses.replace(
+            identifiers.to_query(ident, str(event.request.AffectedSOPClassUID)),
+            viewer=viewer_of(event, archive))
         charset = _charset_of(ident)
         n = 0
         for result in archive.find(query):
@@ -66,6 +72,8 @@ def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
         log.warning("C-FIND from %s (%s) failed: %s", ae_title, host, e)
         yield status_reply(UNABLE_TO_PROCESS, str(e)), None
         return
+    _audit(event, archive, AuditAction.QUERY, "success", query,
+           f"C-FIND {query.level.value} {n} matches")
     log.info("C-FIND from %s/%s at %s level: %d matches, %.1f ms", ae_title, host,
              query.level.value, n, (time.perf_counter() - t0) * 1000)
 
@@ -77,10 +85,28 @@ def _charset_of(ident: Dataset) -> str:
     return str(cs).strip()
 
 
-def _select(event: Event, archive: Archive) -> list[StoredInstance]:
+def _select(event: Event, archive: Archive, what: str) -> list[StoredInstance]:
     ident = _identifier(event)
     query = identifiers.to_query(ident, str(event.request.AffectedSOPClassUID), retrieve=True)
-    return archive.select(query)
+    # only what the caller may see is retrieved (the same filter as C-FIND)
+    found = archive.select(dataclasses.replace(query, viewer=viewer_of(event, archive)))
+    _audit(event, archive, AuditAction.RETRIEVE, "success", query,
+           f"{what} {len(found)} instances")
+    return found
+
+
+def _audit(event: Event, archive: Archive, action: AuditAction, outcome: str,
+           query: Query | None, detail: str, reason: str = "") -> None:
+    """One audit record per request (docs/security.md): who, which patient and studies
+    the identifier named, the outcome."""
+    match = query.match if query is not None else {}
+    studies = tuple(u for u in match.get("StudyInstanceUID", "").split("\\") if u)
+    pid, issuer = match.get("PatientID", ""), match.get("IssuerOfPatientID", "")
+    if not pid and len(studies) == 1:
+        pid, issuer = archive.patient_of(studies[0])
+    archive.audit(from_principal(principal_of(event, archive.cfg.dimse), action, outcome,
+                                 reason=reason, patient_id=pid, issuer=issuer,
+                                 study_uids=studies, detail=detail))
 
 
 def _failed(inst: StoredInstance) -> Dataset:
@@ -143,7 +169,7 @@ def handle_move(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
         problem = f"AE {ae_title} may not move to {dest_title}"
     else:
         try:
-            instances = _select(event, archive)
+            instances = _select(event, archive, f"C-MOVE to {dest_title}")
         except AnimError as e:
             problem = str(e)
     sub_assoc: dict[str, Any] = {}
@@ -163,6 +189,8 @@ def handle_move(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
         yield 1
         code = (status.REFUSED_NOT_AUTHORIZED if problem.startswith("AE ")
                 else IDENTIFIER_DOES_NOT_MATCH)
+        _audit(event, archive, AuditAction.RETRIEVE, "failure", None,
+               f"C-MOVE to {dest_title}", reason=problem[:64])
         log.warning("C-MOVE from %s refused: %s", ae_title, problem)
         yield status_reply(code, problem), None
         return
@@ -181,11 +209,13 @@ def _may_move_to(cfg: DimseConfig, ae_title: str, dest: str) -> bool:
 def handle_get(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[Any]:
     ae_title, host = peer(event)
     if not may(cfg, ae_title, "get"):
+        _audit(event, archive, AuditAction.RETRIEVE, "failure", None, "C-GET",
+               reason="not permitted")
         yield 1
         yield status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not retrieve"), None
         return
     try:
-        instances = _select(event, archive)
+        instances = _select(event, archive, "C-GET")
     except AnimError as e:
         log.warning("C-GET from %s (%s) refused: %s", ae_title, host, e)
         yield 1

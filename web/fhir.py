@@ -44,10 +44,11 @@ from aiohttp import web
 from anim import AnimError, Archive, Level, NotFound, Query, __version__
 from anim import fhir as build
 from anim.manifest import manifest_uids
+from anim.security import Viewer
 from anim.studyinfo import StudyInfo
 from web import urls
 from web.errors import status_of
-from web.keys import archive_key, run_sync
+from web.keys import archive_key, run_sync, viewer
 from web.media import parse_accept
 
 log = logging.getLogger(__name__)
@@ -337,16 +338,17 @@ def _parse(request: web.Request, params: dict[str, Param],
 # ---- the archive side (run on the executor) -------------------------------------------
 
 
-def _study_uids(archive: Archive, match: dict[str, str], limit: int, offset: int
-                ) -> list[str]:
+def _study_uids(archive: Archive, match: dict[str, str], limit: int, offset: int,
+                viewer: Viewer | None) -> list[str]:
     q = Query(level=Level.STUDY, match=match, return_keys=("StudyInstanceUID",),
-              limit=limit, offset=offset)
+              limit=limit, offset=offset, viewer=viewer)
     return [r["0020000D"]["Value"][0] for r in archive.find(q)]
 
 
-def _studies(archive: Archive, c: Criteria, page: Page) -> tuple[list[StudyInfo], int]:
+def _studies(archive: Archive, c: Criteria, page: Page, viewer: Viewer | None
+             ) -> tuple[list[StudyInfo], int]:
     """The studies of one page and how many the engine matched (up to count + 1)."""
-    uids = _study_uids(archive, c.match, page.count + 1, page.offset)
+    uids = _study_uids(archive, c.match, page.count + 1, page.offset, viewer)
     infos = []
     for uid in uids[: page.count]:
         try:
@@ -358,9 +360,10 @@ def _studies(archive: Archive, c: Criteria, page: Page) -> tuple[list[StudyInfo]
     return infos, len(uids)
 
 
-def _study(archive: Archive, uid: str) -> StudyInfo:
+def _study(archive: Archive, uid: str, viewer: Viewer | None) -> StudyInfo:
     """One study, found through the query engine like a search (so its filters apply)."""
-    if not build.is_fhir_id(uid) or not _study_uids(archive, {"StudyInstanceUID": uid}, 1, 0):
+    if not build.is_fhir_id(uid) or not _study_uids(
+            archive, {"StudyInstanceUID": uid}, 1, 0, viewer):
         raise FhirError(404, f"ImagingStudy/{uid} is not known here")
     return archive.index.study_info(uid)
 
@@ -405,7 +408,8 @@ async def _search(request: web.Request, kind: str, params: dict[str, Param],
     infos: list[StudyInfo] = []
     matched = 0
     if not c.nothing:
-        infos, matched = await run_sync(request, _studies, request.app[archive_key], c, page)
+        infos, matched = await run_sync(request, _studies, request.app[archive_key], c, page,
+                                        viewer(request))
     more = matched > page.count
     total = None
     if not more and not c.no_issuer and (matched or page.offset == 0):
@@ -448,7 +452,7 @@ async def search_imaging_study(request: web.Request) -> web.Response:
 @_fhir
 async def read_imaging_study(request: web.Request) -> web.Response:
     uid = request.match_info["id"]
-    info = await run_sync(request, _study, request.app[archive_key], uid)
+    info = await run_sync(request, _study, request.app[archive_key], uid, viewer(request))
     return await _send(request, build.imaging_study(info, wado_root=urls.root(request)))
 
 

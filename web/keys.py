@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from anim import Archive, WebConfig
+from anim.security import LOCAL, Viewer, viewer_for
 
 T = TypeVar("T")
 
@@ -21,6 +22,12 @@ executor_key = web.AppKey("executor", ThreadPoolExecutor)
 stream_executor_key = web.AppKey("stream_executor", ThreadPoolExecutor)
 # {"origin": "http://host:port"} once the HTTP socket is bound (links in webhooks)
 origin_key = web.AppKey("origin", dict)
+
+
+def viewer(request: web.Request) -> Viewer | None:
+    """What the caller may see (the query engine's tenancy filter, docs/security.md)."""
+    principal = request.get("principal", LOCAL)
+    return viewer_for(principal, request.app[archive_key].cfg)
 
 
 async def run_sync(request: web.Request, fn: Callable[..., T], *args: Any) -> T:

@@ -18,6 +18,7 @@ Choices where the standard leaves room:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -28,7 +29,7 @@ from pydicom.datadict import tag_for_keyword
 from anim import Archive, InvalidQuery, Level, Query
 from anim.query import INDEXED, UNIQUE_KEY, keyword_of, level_of_tag, vr_of
 from web import urls
-from web.keys import archive_key, config_key, run_sync
+from web.keys import archive_key, config_key, run_sync, viewer
 from web.media import parse_accept, wants_json
 
 # PS3.18 Tables 10.6.3-3, -4 and -5: the attributes every result carries
@@ -222,6 +223,7 @@ def _make_handler(level: Level, path_keys: tuple[str, ...]) -> Any:
         cfg = request.app[config_key]
         query, warnings, server_limit = build_query(request.query, level, path,
                                                     cfg.qido_max_results)
+        query = dataclasses.replace(query, viewer=viewer(request))
         base = urls.root(request)
         # the engine's ORDER BY is the entity's id: paging never repeats or skips
         rows = await run_sync(request, _run, request.app[archive_key], query)

@@ -34,6 +34,7 @@ from anim import (
     StoreResult,
     StudyMismatch,
 )
+from anim.security import LOCAL, Principal
 from web import urls
 from web.errors import fail
 from web.keys import archive_key, config_key, run_sync
@@ -82,8 +83,9 @@ async def _read_part(part: BodyPartReader, budget: int) -> tuple[bytes, int]:
         return spool.read(), budget
 
 
-def _store(archive: Archive, data: bytes, source: Source, study: str | None) -> StoreResult:
-    return archive.store(data, source, expect_study=study)
+def _store(archive: Archive, data: bytes, source: Source, study: str | None,
+           principal: Principal) -> StoreResult:
+    return archive.store(data, source, expect_study=study, principal=principal)
 
 
 def _failure_reason(e: AnimError) -> int:
@@ -170,7 +172,10 @@ async def store(request: web.Request) -> web.Response:
                   f"accepts in one request ({cfg.max_stow_bytes}); send fewer instances")
     study = request.match_info.get("study")
     resp = _Response(urls.root(request), study)
-    source = Source(institution=cfg.institution, host=request.remote or "", protocol="stow")
+    principal = request.get("principal", LOCAL)
+    # a token's institution owns what it stores (tenancy); without one, [web].institution
+    institution = principal.institution if principal.kind == "token" else cfg.institution
+    source = Source(institution=institution, host=request.remote or "", protocol="stow")
     try:
         reader = await request.multipart()
         await _store_parts(request, reader, resp, source, study, cfg.max_stow_bytes)
@@ -199,7 +204,8 @@ async def _store_parts(request: web.Request, reader: MultipartReader, resp: _Res
 
     async def store_one(data: bytes) -> _Outcome:
         try:
-            return await run_sync(request, _store, archive, data, source, study)
+            return await run_sync(request, _store, archive, data, source, study,
+                                  request.get("principal", LOCAL))
         except AnimError as e:
             log.warning("STOW part refused from %s: %s", source.host, e)
             return _Failure(*_uids_of(data), _failure_reason(e), str(e))

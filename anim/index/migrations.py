@@ -66,11 +66,30 @@ def _v4_hcm(conn: Connection) -> None:
         conn.execute(schema.counter.insert().values(name="change", value=int(top)))
 
 
+def _v5_study_sources(conn: Connection) -> None:
+    """Tenancy: who sent each study's current content, filled from the versions."""
+    schema.study_source.create(conn, checkfirst=True)
+    conn.exec_driver_sql(
+        "INSERT INTO study_source (study_fk, institution) "
+        "SELECT DISTINCT s.study_fk, v.institution FROM instance i "
+        "JOIN version v ON v.id = i.current_version_fk JOIN series s ON s.id = i.series_fk "
+        "WHERE NOT EXISTS (SELECT 1 FROM study_source x "
+        "WHERE x.study_fk = s.study_fk AND x.institution = v.institution)")
+
+
+def _v6_audit(conn: Connection) -> None:
+    from anim.index.audit_log import create_audit_table
+
+    create_audit_table(conn)
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "prefix-match indexes for PostgreSQL", _v2_pattern_indexes),
     (3, "bytes each version added to the blob store", _v3_version_new_bytes),
     (4, "study stability, gap-free change counter, webhook outbox", _v4_hcm),
+    (5, "study sources for tenancy", _v5_study_sources),
+    (6, "hash-chained audit trail", _v6_audit),
 ]
 
 LATEST = STEPS[-1][0]

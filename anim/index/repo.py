@@ -26,7 +26,16 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from anim.errors import AnimError, NotFound, StorageUnavailable
-from anim.index.schema import change, counter, instance, patient, series, study, version
+from anim.index.schema import (
+    change,
+    counter,
+    instance,
+    patient,
+    series,
+    study,
+    study_source,
+    version,
+)
 from anim.models import (
     Source,
     StoredInstance,
@@ -35,6 +44,7 @@ from anim.models import (
     VersionInfo,
     VersionState,
 )
+from anim.security import Viewer
 from anim.studyinfo import StudyInfo
 
 log = logging.getLogger(__name__)
@@ -487,6 +497,13 @@ class Index:
                 out.append(entry)
         return out
 
+    def is_visible(self, study_uid: str, viewer: Viewer) -> bool:
+        from anim.index.search import visible_study
+
+        q = select(study.c.id).where(study.c.study_uid == study_uid, visible_study(viewer))
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
+
     def study_state(self, study_uid: str) -> str:
         """``stable`` or ``receiving`` (NotFound when the study is not held)."""
         return "stable" if self.study_row(study_uid)["settled"] else "receiving"
@@ -682,8 +699,9 @@ def _record(conn: Connection, item: IngestItem, cache: Cache) -> StoreResult:
     if cur is not None:
         conn.execute(update(version).where(version.c.id == cur.id)
                      .values(state=VersionState.SUPERSEDED.value))
-    _make_current(conn, inst_id, vid, k, at, cache,
-                  unsettle=item.source.protocol != MANIFEST_PROTOCOL)
+    sid = _make_current(conn, inst_id, vid, k, at, cache,
+                        unsettle=item.source.protocol != MANIFEST_PROTOCOL)
+    _add_source(conn, cache, sid, item.source.institution[:64])
     _log_change(conn, "instance_replaced", k, vid, at)
     return StoreResult(StoreOutcome.CORRECTED, k["sop_uid"], k["study_uid"], vid, item.new_bytes,
                        f"correction: version {vid} is now current")
@@ -709,14 +727,25 @@ def _record_new(conn: Connection, item: IngestItem, at: str, cache: Cache) -> St
                  .values(num_instances=study.c.num_instances + 1, updated_at=at))
     if item.source.protocol != MANIFEST_PROTOCOL:  # our own manifest changes nothing
         _unsettle(conn, study_id, at)
+    _add_source(conn, cache, study_id, item.source.institution[:64])
     if series_new:
         _refresh_study(conn, study_id)
     _log_change(conn, "instance_created", k, vid, at)
     return StoreResult(StoreOutcome.STORED, k["sop_uid"], k["study_uid"], vid, item.new_bytes)
 
 
+def _add_source(conn: Connection, cache: Cache, study_id: int, institution: str) -> None:
+    """Record that *institution* sent current content of the study (tenancy)."""
+    ck = ("ss", str(study_id), institution)
+    if ck in cache:
+        return
+    conn.execute(_insert(conn, study_source).values(study_fk=study_id, institution=institution)
+                 .on_conflict_do_nothing())
+    cache[ck] = ()
+
+
 def _make_current(conn: Connection, inst_id: int, vid: int, k: dict[str, Any], at: str,
-                  cache: Cache, unsettle: bool = True) -> None:
+                  cache: Cache, unsettle: bool = True) -> int:
     """Point the instance at version *vid* and re-index it from that version's keys."""
     old = conn.execute(select(instance.c.series_fk, series.c.study_fk).join(
         series, series.c.id == instance.c.series_fk).where(instance.c.id == inst_id)).one()
@@ -741,6 +770,7 @@ def _make_current(conn: Connection, inst_id: int, vid: int, k: dict[str, Any], a
         _unsettle(conn, study_id, at)
     else:
         conn.execute(update(study).where(study.c.id == study_id).values(updated_at=at))
+    return study_id
 
 
 def _load_version(conn: Connection, version_id: int) -> Any:
@@ -770,7 +800,8 @@ def _promote(conn: Connection, version_id: int, cache: Cache) -> VersionInfo:
     conn.execute(update(version).where(version.c.id == version_id)
                  .values(state=VersionState.CURRENT.value))
     k = index_keys_from_json(json.loads(row.dicom_json))
-    _make_current(conn, int(row.instance_fk), version_id, k, at, cache)
+    sid = _make_current(conn, int(row.instance_fk), version_id, k, at, cache)
+    _add_source(conn, cache, sid, row.institution)
     _log_change(conn, "instance_replaced", k, version_id, at)
     return _info(conn, version_id)
 
@@ -878,6 +909,7 @@ def _recount_after_removal(conn: Connection, st: Any, series_ids: set[int],
         if unsettle:
             _unsettle(conn, st.id, at)
     else:
+        conn.execute(study_source.delete().where(study_source.c.study_fk == st.id))
         conn.execute(study.delete().where(study.c.id == st.id))
         conn.execute(update(patient).where(patient.c.id == st.patient_fk)
                      .values(num_studies=patient.c.num_studies - 1))

@@ -139,6 +139,17 @@ change = Table(
     Column("issuer", String(64), nullable=False, default=""),
 )
 
+# Which institutions sent a study's current content: the tenancy filter of the query
+# engine (anim.index.search, docs/security.md) reads it (migration 5).
+study_source = Table(
+    "study_source",
+    metadata,
+    Column("study_fk", _Id, ForeignKey("study.id"), nullable=False),
+    Column("institution", String(64), nullable=False),
+    UniqueConstraint("study_fk", "institution", name="uq_study_source"),
+    Index("ix_study_source_institution", "institution", "study_fk"),
+)
+
 # Named counters. "change" hands out the change sequence: taken with a row lock at the
 # end of each write transaction, so numbers are committed in order and without holes
 # even with several archive processes on one database (a database sequence is neither).

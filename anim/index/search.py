@@ -30,8 +30,9 @@ from sqlalchemy import (
 )
 
 from anim.errors import InvalidQuery
-from anim.index.schema import instance, patient, series, study, version
+from anim.index.schema import instance, patient, series, study, study_source, version
 from anim.query import INDEXED, Level, Query, level_of_tag, vr_of
+from anim.security import Viewer
 
 _ESC = "!"
 _MAX_INT = 2**63 - 1  # what both engines hold in an integer column
@@ -227,6 +228,12 @@ def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
             on_patient.append(cond)
         else:
             stmt = stmt.where(cond)
+    if q.viewer is not None:
+        if q.level is Level.PATIENT:
+            stmt = stmt.where(patient.c.id.in_(
+                select(study.c.patient_fk).where(visible_study(q.viewer))))
+        else:
+            stmt = stmt.where(visible_study(q.viewer))
     if on_patient:
         # as a set of patients first: the planner then finds the few patients (an infix
         # name wildcard scans the small patient index) and their studies by index,
@@ -238,6 +245,20 @@ def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
     if q.offset:
         stmt = stmt.offset(q.offset)
     return stmt, keys
+
+
+def visible_study(viewer: Viewer) -> ColumnElement[bool]:
+    """The tenancy filter on ``study`` rows (docs/security.md): a study sent (in part) by
+    an institution the viewer sees, or one a sharing rule shows it."""
+    conds: list[ColumnElement[bool]] = [study.c.id.in_(
+        select(study_source.c.study_fk).where(study_source.c.institution.in_(viewer.sees)))]
+    if viewer.shared_studies:
+        conds.append(study.c.study_uid.in_(sorted(viewer.shared_studies)))
+    if viewer.shared_patients:
+        conds.append(study.c.patient_fk.in_(select(patient.c.id).where(or_(*(
+            and_(patient.c.issuer == issuer, patient.c.patient_id == pid)
+            for issuer, pid in sorted(viewer.shared_patients))))))
+    return or_(*conds)
 
 
 def _converter(vr: str) -> Any:
