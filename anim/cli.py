@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -72,7 +73,7 @@ def _config(args: argparse.Namespace) -> Config:
 # ---- serve -------------------------------------------------------------------------
 
 
-async def _serve(cfg: Config) -> None:
+async def _serve(cfg: Config, ssl_ctx: ssl.SSLContext | None = None) -> None:
     from aiohttp import web as aioweb
 
     from scp import server as scp_server
@@ -93,15 +94,16 @@ async def _serve(cfg: Config) -> None:
         runner = aioweb.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         try:
-            site = aioweb.TCPSite(runner, cfg.web.host, cfg.web.port)
+            site = aioweb.TCPSite(runner, cfg.web.host, cfg.web.port, ssl_context=ssl_ctx)
+            scheme = "https" if ssl_ctx is not None else "http"
             await site.start()
             sockets = getattr(site._server, "sockets", None) or []
             http_port = sockets[0].getsockname()[1] if sockets else cfg.web.port
             host = f"[{cfg.web.host}]" if ":" in cfg.web.host else cfg.web.host
-            app[origin_key]["origin"] = f"http://{host}:{http_port}"
-            log.info("anim %s ready: DIMSE %s@%s:%d, HTTP http://%s:%d/, data in %s",
+            app[origin_key]["origin"] = f"{scheme}://{host}:{http_port}"
+            log.info("anim %s ready: DIMSE %s@%s:%d, HTTP %s://%s:%d/, data in %s",
                      __version__, cfg.dimse.aet, cfg.dimse.host, ports.get("dimse", 0),
-                     cfg.web.host, http_port, cfg.storage.data_dir)
+                     scheme, cfg.web.host, http_port, cfg.storage.data_dir)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -113,10 +115,19 @@ async def _serve(cfg: Config) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from web.auth import check_bind
+    from web.tls import server_ssl_context
+
     cfg = _config(args)
     _setup_logging(cfg.log.level, args.debug)
+    # secure by default: no data off this machine without authentication
+    why = check_bind(cfg)
+    if why is not None:
+        log.error("cannot start: %s", why)
+        return 2
+    ssl_ctx = server_ssl_context(cfg.web)
     try:
-        asyncio.run(_serve(cfg))
+        asyncio.run(_serve(cfg, ssl_ctx))
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_dicom"
 PYDICOM_TEST_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
-READY = re.compile(r"ready: DIMSE (\S+)@([\d.]+):(\d+), HTTP http://([\d.]+):(\d+)/")
+READY = re.compile(r"ready: DIMSE (\S+)@([\d.]+):(\d+), HTTP https?://([\d.]+):(\d+)/")
 
 
 def peers_required() -> bool:

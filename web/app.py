@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from anim import Archive, WebConfig
-from web import cors, routes, webhooks
+from web import audit, auth, cors, routes, tenancy, webhooks
 from web.errors import errors_middleware
 from web.keys import archive_key, config_key, executor_key, origin_key, stream_executor_key
 
@@ -32,8 +32,14 @@ async def _executor(app: web.Application) -> AsyncIterator[None]:
 def create_app(archive: Archive, cfg: WebConfig,
                extra_ctx: Sequence[CleanupCtx] = ()) -> web.Application:
     # client_max_size bounds only bodies read whole; STOW streams its body
-    app = web.Application(middlewares=[cors.cors_middleware, errors_middleware])
+    # audit outermost: it sees every outcome, refused tokens included; auth next: it
+    # guards every handler and the CORS capabilities answer after it; tenancy inside
+    # the error middleware, whose 404 it raises for a study the caller may not see
+    app = web.Application(middlewares=[audit.audit_middleware, auth.auth_middleware,
+                                       cors.cors_middleware, errors_middleware,
+                                       tenancy.tenancy_middleware])
     app.on_response_prepare.append(cors.on_prepare)
+    auth.setup(app, archive.cfg)
     app[archive_key] = archive
     app[config_key] = cfg
     app[origin_key] = {}

@@ -118,6 +118,10 @@ def test_c_find_shows_each_institution_its_own_and_what_is_shared(
     # the patient level too: B sees its own patient and the shared study's, not SYN0001
     assert find_patients(srv.dimse_port, "MOD_B", tmp_path) == {"SYN0002", "SYN0003"}
     assert find_patients(srv.dimse_port, "MOD_A", tmp_path) == {"SYN0001", "SYN0003"}
+    rows = trail_rows(srv, lambda r: r["action"] == "query", 4)
+    assert {(r["who"], r["institution"], r["outcome"]) for r in rows} == {
+        ("MOD_A", "HOSP-A", "success"), ("MOD_B", "HOSP-B", "success")}
+    assert all(r["who_kind"] == "ae" and r["address"] == "127.0.0.1" for r in rows)
 
 
 def test_c_get_and_c_move_retrieve_only_what_the_caller_may_see(
@@ -146,3 +150,123 @@ def test_c_get_and_c_move_retrieve_only_what_the_caller_may_see(
                                            "StudyInstanceUID": uid_of(hidden)}, calling="MOD_A")
     assert final_status(r) == 0x0000
     assert {x.sop for x in dest_a.received()} == sops_of(hidden)
+    rows = trail_rows(srv, lambda r: r["action"] == "retrieve", 4)
+    got = sorted((r["who"], r["detail"]) for r in rows)
+    assert got == [("MOD_A", f"C-MOVE to DEST_A {len(sops_of(hidden))} instances"),
+                   ("MOD_B", "C-GET 0 instances"),
+                   ("MOD_B", f"C-GET {len(sops_of(SHARED))} instances"),
+                   ("MOD_B", "C-MOVE to DEST_B 0 instances")]
+    assert all(uid_of(hidden) in r["study_uids"] for r in rows
+               if r["detail"].endswith(" 0 instances"))
+
+
+def trail_rows(srv: AnimServer, keep: Any, n: int) -> list[dict[str, Any]]:
+    """The audit records *keep* selects, once there are *n* (the trail commits within a
+    moment of each request)."""
+    import time
+
+    from anim.index.audit_log import AuditLog
+    from anim.index.engine import make_engine
+
+    engine = make_engine(f"sqlite:///{srv.data_dir / 'index.sqlite'}")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            rows = [r for r in AuditLog(engine).search(limit=5000) if keep(r)]
+            if len(rows) >= n or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+# ---- the HTTP side: tokens of two institutions, and the audit trail -----------------------
+
+
+def test_tokens_see_only_their_institutions_studies_and_the_trail_says_so(
+        make_server: type[AnimServer], tmp_path: Path) -> None:
+    import time
+
+    import requests
+
+    from anim.index.audit_log import AuditLog
+    from anim.index.engine import make_engine
+    from tests.integration.test_http_auth import AUDIENCE, ISSUER, Idp, write_jwks
+
+    idp = Idp()
+    jwks = write_jwks(tmp_path / "jwks.json", *idp.jwks()["keys"])
+    auth = f"""
+[auth]
+enabled = true
+[auth.issuers.idp]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+jwks_file = "{jwks}"
+"""
+    cfg = config(tmp_path / "anim.toml", _free_port(), _free_port(), extra=auth)
+    srv = make_server(tmp_path / "data", args=["--config", str(cfg)]).start()
+    for folder in A_STUDIES:
+        assert storescu(srv.dimse_port, folder, calling="MOD_A").returncode == 0
+    for folder in B_STUDIES:
+        assert storescu(srv.dimse_port, folder, calling="MOD_B").returncode == 0
+
+    def token(institution: str, sub: str) -> dict[str, str]:
+        claims = idp.claims(institution=institution, sub=sub)
+        return {"Authorization": f"Bearer {idp.token(claims)}"}
+
+    a, b = token("HOSP-A", "reader-a"), token("HOSP-B", "reader-b")
+    hidden, shared = uid_of(A_STUDIES[0]), uid_of(SHARED)
+
+    def get(path: str, who: dict[str, str], **kw: Any) -> requests.Response:
+        return requests.get(f"{srv.url}{path}", headers=who, timeout=30, **kw)
+
+    def qido(who: dict[str, str]) -> set[str]:
+        r = get("/dicom-web/studies", who)
+        assert r.status_code == 200
+        return {s["0020000D"]["Value"][0] for s in r.json()}
+
+    assert qido(a) == {uid_of(f) for f in A_STUDIES}
+    assert qido(b) == {uid_of(f) for f in B_STUDIES} | {shared}
+    # WADO-RS, rendered, HCM and FHIR reads of a study B may not see: 404, as if absent
+    for path in (f"/dicom-web/studies/{hidden}/metadata", f"/dicom-web/studies/{hidden}",
+                 f"/dicom-web/studies/{hidden}/thumbnail",
+                 f"/hcm/studies/{hidden}/reference", f"/fhir/ImagingStudy/{hidden}"):
+        assert get(path, b).status_code == 404, path
+        assert get(path, a).status_code == 200, path
+    assert get(f"/dicom-web/studies/{shared}/metadata", b).status_code == 200
+    bundle = get("/fhir/ImagingStudy", b, params={"identifier": f"urn:oid:{hidden}"}).json()
+    assert bundle.get("entry", []) == []
+    bundle = get("/fhir/ImagingStudy", b, params={"identifier": f"urn:oid:{shared}"}).json()
+    assert [e["resource"]["id"] for e in bundle["entry"]] == [shared]
+    # an invalid token is a failed login in the trail
+    assert get("/dicom-web/studies", {"Authorization": "Bearer abc.def.ghi"}).status_code == 401
+
+    # the audit trail: the right subject, outcome, and study for each of these
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}")
+    trail = AuditLog(engine)
+
+    def recorded() -> list[dict[str, Any]]:
+        return trail.search(limit=1000)
+
+    deadline = time.monotonic() + 30
+    while not any(r["action"] == "login" for r in recorded()):
+        assert time.monotonic() < deadline, "the refused login never reached the trail"
+        time.sleep(0.2)
+    rows = recorded()
+
+    def has(study: str = "", **want: Any) -> bool:
+        return any(all(r[k] == v for k, v in want.items())
+                   and (not study or study in r["study_uids"]) for r in rows)
+
+    assert has(action="store", who="MOD_A", institution="HOSP-A", outcome="success",
+               study=hidden)
+    assert has(action="store", who="MOD_B", institution="HOSP-B", outcome="success")
+    assert has(action="retrieve", who="reader-b", institution="HOSP-B", outcome="failure",
+               study=hidden)
+    assert has(action="retrieve", who="reader-a", institution="HOSP-A", outcome="success",
+               study=hidden)
+    assert has(action="retrieve", who="reader-b", outcome="success", study=shared)
+    assert has(action="query", who="reader-b", outcome="success")
+    assert has(action="login", outcome="failure")
+    assert trail.verify().ok
+    engine.dispose()
