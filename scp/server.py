@@ -20,7 +20,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from anim import Archive, DimseConfig
-from scp import handlers, qr
+from anim.audit import AuditAction, AuditEvent
+from scp import handlers, qr, security
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ def build_ae(cfg: DimseConfig) -> AE:
     ae.network_timeout = cfg.network_timeout
     ae.acse_timeout = 30
     ae.dimse_timeout = cfg.network_timeout
-    # A-ASSOCIATE-RJ "called AE title not recognised" for anything but our own title
+    # A-ASSOCIATE-RJ "called AE title not recognised" for anything but our own title,
+    # "calling AE title not recognised" for unknown callers. security.handle_requested
+    # checks both first (and the peer's address), with a log line; these stay as a
+    # second line should that handler ever not run.
     ae.require_called_aet = True
     if not cfg.allow_unknown_callers:
         ae.require_calling_aet = [a.title for a in cfg.known_aes]
@@ -79,11 +83,29 @@ class _SupportedContexts(list[PresentationContext]):
         return out
 
 
-def start(archive: Archive, cfg: DimseConfig) -> ThreadedAssociationServer:
-    """Start listening (returns at once; pynetdicom serves each association in a thread)."""
+def start(archive: Archive, cfg: DimseConfig,
+          on_refused: security.OnRefused | None = None) -> ThreadedAssociationServer:
+    """Start listening (returns at once; pynetdicom serves each association in a thread).
+
+    *on_refused* is told of each TLS handshake and association the archive refuses
+    (by default: a failed "association" record in the audit trail).
+    """
+    if on_refused is None:
+        def on_refused(r: security.Refusal) -> None:
+            archive.audit(AuditEvent(
+                action=AuditAction.ASSOCIATION, outcome="failure", reason=r.reason[:64],
+                who_kind="ae", who=r.calling_ae, address=r.address,
+                detail=f"{r.stage} to {r.called_ae}"))
     ae = build_ae(cfg)
-    evt_handlers = [
+    ssl_context = security.dimse_ssl_context(cfg)  # None: plain TCP
+    gate = security.AssociationGate(cfg)
+    evt_handlers: list[Any] = []
+    if ssl_context is not None:
+        evt_handlers.append((evt.EVT_CONN_OPEN, security.handle_tls_handshake,
+                             [ae.acse_timeout, on_refused]))
+    evt_handlers += [
         (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+        (evt.EVT_REQUESTED, security.handle_requested, [gate, on_refused]),
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [archive, cfg]),
         (evt.EVT_C_FIND, qr.handle_find, [archive, cfg]),
@@ -91,7 +113,10 @@ def start(archive: Archive, cfg: DimseConfig) -> ThreadedAssociationServer:
         (evt.EVT_C_GET, qr.handle_get, [archive, cfg]),
     ]
     server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=evt_handlers,
-                             contexts=_SupportedContexts(ae.supported_contexts))
+                             contexts=_SupportedContexts(ae.supported_contexts),
+                             ssl_context=ssl_context)
     host, port = server.server_address[:2]
-    log.info("DIMSE: AE %s listening on %s:%d", cfg.aet, host, port)
+    tls = "" if ssl_context is None else (
+        " (TLS, client certificate required)" if cfg.tls_client_auth else " (TLS)")
+    log.info("DIMSE: AE %s listening on %s:%d%s", cfg.aet, host, port, tls)
     return server
