@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,15 +19,23 @@ from pydicom.dataset import Dataset
 from anim import dicomfile, dicomjson, transcode
 from anim.audit import AuditAction, AuditEvent, from_principal
 from anim.config import Config
-from anim.errors import AnimError, NotAcceptable, NotFound, SOPClassMismatch, StudyMismatch
+from anim.errors import (
+    AnimError,
+    InvalidQuery,
+    NotAcceptable,
+    NotFound,
+    SOPClassMismatch,
+    StudyMismatch,
+)
 from anim.index import search
-from anim.index.audit_log import AuditRecorder
+from anim.index.audit_log import AuditLog, AuditRecorder
 from anim.index.engine import make_engine
 from anim.index.migrations import migrate
 from anim.index.outbox import Outbox
 from anim.index.repo import Index, IngestItem
 from anim.models import Source, StoredInstance, StoreResult, VersionInfo, VersionState
 from anim.query import Level, Query
+from anim.security import LOCAL as _LOCAL
 from anim.security import Principal, Viewer
 from anim.storage import BlobStore, FileBlobStore
 
@@ -83,6 +92,34 @@ class Archive:
 
     def flush_audit(self, timeout: float = 10.0) -> bool:
         return self._audit.flush(timeout) if self._audit is not None else True
+
+    def revoke(self, institution: str, after: str, reason: str = "",
+               principal: Principal | None = None) -> list[str]:
+        """Compromise containment (docs/security.md): refuse the institution's AEs and
+        tokens, hide what it sent from *after* (ISO 8601) on; return the studies hit."""
+        try:
+            when = datetime.fromisoformat(after)
+        except ValueError:
+            raise InvalidQuery(f"after: not an ISO 8601 time: {after!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        cutoff = when.astimezone(UTC).isoformat(timespec="microseconds")
+        studies = self.index.revoke(institution, cutoff, reason)
+        self.audit(from_principal(principal or _LOCAL, AuditAction.REVOKE, "success",
+                                  reason=reason[:64], study_uids=tuple(studies),
+                                  detail=f"{institution} after {cutoff}"))
+        return studies
+
+    def restore(self, institution: str, principal: Principal | None = None) -> list[str]:
+        studies = self.index.restore(institution)
+        self.audit(from_principal(principal or _LOCAL, AuditAction.RESTORE, "success",
+                                  study_uids=tuple(studies), detail=institution))
+        return studies
+
+    def patient_access(self, patient_id: str, issuer: str) -> list[dict[str, Any]]:
+        """Who accessed this patient's images (EHDS Art. 8/9), from the audit trail."""
+        self.flush_audit()
+        return AuditLog(self.index.engine).patient_access(patient_id, issuer)
 
     def patient_of(self, study_uid: str) -> tuple[str, str]:
         """(PatientID, IssuerOfPatientID) of a study, ('', '') when not held."""
@@ -221,6 +258,9 @@ class Archive:
         The database connection stays open while the caller iterates; close the
         generator (or exhaust it) to release it.
         """
+        revs = self.index.revocations()
+        if revs and not query.contained:
+            query = dataclasses.replace(query, contained=revs)
         with self.index.engine.connect() as conn:
             yield from search.run(conn, query)
 
@@ -234,7 +274,9 @@ class Archive:
     def check_visible(self, study_uid: str, viewer: Viewer | None) -> None:
         """NotFound unless *viewer* may see the study (the query engine's tenancy filter;
         a study the caller may not see answers as if it were not held)."""
-        if viewer is not None and not self.index.is_visible(study_uid, viewer):
+        if viewer is None and not self.index.revocations():
+            return
+        if not self.index.is_visible(study_uid, viewer):
             raise NotFound(f"no study {study_uid}")
 
     def scoped(self, study_uid: str, series_uid: str | None = None,

@@ -188,6 +188,22 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _setup_logging("WARNING", args.debug)
+    with Archive.open(cfg) as archive:
+        if args.restore:
+            studies = archive.restore(args.institution)
+            print(f"{args.institution} restored; {len(studies)} stud(ies) visible again")
+        else:
+            studies = archive.revoke(args.institution, args.after, args.reason)
+            print(f"{args.institution} revoked: its AEs and tokens are refused; "
+                  f"{len(studies)} stud(ies) with content sent after {args.after} hidden")
+        for uid in studies:
+            print(uid)
+    return 0
+
+
 def cmd_changes(args: argparse.Namespace) -> int:
     import json
 
@@ -256,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--since", type=int, default=0)
     c.add_argument("--limit", type=int, default=100)
     c.set_defaults(func=cmd_changes)
+
+    r = sub.add_parser("revoke", help="contain a compromised institution (or --restore it)")
+    _common(r)
+    r.add_argument("institution")
+    r.add_argument("--after", default="1970-01-01T00:00:00+00:00",
+                   help="hide what it sent from this time on (ISO 8601; default: all)")
+    r.add_argument("--reason", default="", help="why, for the audit trail")
+    r.add_argument("--restore", action="store_true", help="end the revocation instead")
+    r.set_defaults(func=cmd_revoke)
 
     audit_cli.add_parser(sub, _common)
     return parser

@@ -116,6 +116,9 @@ class Query:
     # whose eyes: None sees everything (tenancy off, the local operator, a national
     # role); otherwise only the studies the caller's institution may see (docs/security.md)
     viewer: Viewer | None = None
+    # revoked institutions and since when: what they sent from then on is hidden from
+    # everyone (compromise containment); the archive fills this in
+    contained: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for kw, value in self.match.items():

@@ -50,8 +50,12 @@ def viewer_of(event: Event, archive: Archive) -> Viewer | None:
     return viewer_for(principal_of(event, archive.cfg.dimse), archive.cfg)
 
 
-def may(cfg: DimseConfig, ae_title: str, permission: str) -> bool:
+def may(archive: Archive, ae_title: str, permission: str) -> bool:
+    cfg = archive.cfg.dimse
     known = cfg.find_ae(ae_title)
+    institution = known.institution_name if known else ae_title
+    if institution in archive.index.revoked_institutions():
+        return False  # a revoked (compromised) institution's AEs are refused outright
     if known is None:
         return cfg.allow_unknown_callers
     return permission in known.permissions
@@ -73,7 +77,7 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, archive: Archive, cfg: DimseConfig) -> Any:
     ae_title, host = peer(event)
-    if not may(cfg, ae_title, "store"):
+    if not may(archive, ae_title, "store"):
         log.warning("C-STORE refused: %s (%s) may not store", ae_title, host)
         archive.audit(from_principal(principal_of(event, cfg), AuditAction.STORE, "failure",
                                      reason="not permitted", detail="dimse"))

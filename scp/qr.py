@@ -44,7 +44,7 @@ def _identifier(event: Event) -> Dataset:
 
 def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[Any]:
     ae_title, host = peer(event)
-    if not may(cfg, ae_title, "find"):
+    if not may(archive, ae_title, "find"):
         _audit(event, archive, AuditAction.QUERY, "failure", None, "C-FIND",
                reason="not permitted")
         yield status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not query"), None
@@ -165,7 +165,7 @@ def handle_move(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
         return
     problem = ""
     instances: list[StoredInstance] = []
-    if not may(cfg, ae_title, "move") or not _may_move_to(cfg, ae_title, dest_title):
+    if not may(archive, ae_title, "move") or not _may_move_to(cfg, ae_title, dest_title):
         problem = f"AE {ae_title} may not move to {dest_title}"
     else:
         try:
@@ -208,7 +208,7 @@ def _may_move_to(cfg: DimseConfig, ae_title: str, dest: str) -> bool:
 
 def handle_get(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[Any]:
     ae_title, host = peer(event)
-    if not may(cfg, ae_title, "get"):
+    if not may(archive, ae_title, "get"):
         _audit(event, archive, AuditAction.RETRIEVE, "failure", None, "C-GET",
                reason="not permitted")
         yield 1

@@ -106,8 +106,10 @@ class AssociationGate:
     """
 
     def __init__(self, cfg: DimseConfig,
-                 resolver: Callable[[str], frozenset[IPAddress]] = resolve) -> None:
+                 resolver: Callable[[str], frozenset[IPAddress]] = resolve,
+                 revoked: Callable[[], frozenset[str]] = frozenset) -> None:
         self.aet = cfg.aet
+        self.revoked = revoked  # institutions whose AEs are refused (containment)
         self.allow_unknown = cfg.allow_unknown_callers
         self.known = {ae.title: ae for ae in cfg.known_aes}
         self.addresses: dict[str, frozenset[IPAddress]] = {
@@ -122,7 +124,12 @@ class AssociationGate:
         """
         if called != self.aet:
             return CALLED_AE_NOT_RECOGNIZED
-        if calling not in self.known:
+        known = self.known.get(calling)
+        institution = known.institution_name if known else calling
+        if institution in self.revoked():
+            # a revoked (compromised) institution: its AEs are no longer recognised
+            return CALLING_AE_NOT_RECOGNIZED
+        if known is None:
             return None if self.allow_unknown else CALLING_AE_NOT_RECOGNIZED
         allowed = self.addresses.get(calling)
         if allowed is not None and ip_of(address) not in allowed:

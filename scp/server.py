@@ -98,7 +98,7 @@ def start(archive: Archive, cfg: DimseConfig,
                 detail=f"{r.stage} to {r.called_ae}"))
     ae = build_ae(cfg)
     ssl_context = security.dimse_ssl_context(cfg)  # None: plain TCP
-    gate = security.AssociationGate(cfg)
+    gate = security.AssociationGate(cfg, revoked=archive.index.revoked_institutions)
     evt_handlers: list[Any] = []
     if ssl_context is not None:
         evt_handlers.append((evt.EVT_CONN_OPEN, security.handle_tls_handshake,

@@ -12,6 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from anim import Archive
+from anim.audit import AuditAction, from_principal
+from anim.security import LOCAL, Principal
 from web.errors import fail
 from web.keys import archive_key, config_key, run_sync
 
@@ -66,3 +68,43 @@ async def peers(request: web.Request) -> web.Response:
 
 async def ui_config(request: web.Request) -> web.Response:
     return web.json_response({"ohif_url": request.app[config_key].ohif_url})
+
+
+# ---- compromise containment and patients' rights (docs/security.md) -------------------
+
+
+async def revocations_post(request: web.Request) -> web.Response:
+    """POST /api/admin/revocations {"institution", "after", "reason"}."""
+    try:
+        body = await request.json()
+        institution, after = str(body["institution"]), str(body.get("after") or "1970-01-01")
+    except (ValueError, KeyError, TypeError):
+        fail(400, "expected JSON with institution and after (ISO 8601)")
+    archive = request.app[archive_key]
+    studies = await run_sync(request, lambda: archive.revoke(
+        institution, after, str(body.get("reason", ""))[:256], _principal(request)))
+    return web.json_response({"institution": institution, "contained_studies": studies})
+
+
+async def revocations_delete(request: web.Request) -> web.Response:
+    """DELETE /api/admin/revocations/{institution}: restore."""
+    archive = request.app[archive_key]
+    institution = request.match_info["institution"]
+    studies = await run_sync(request, lambda: archive.restore(institution, _principal(request)))
+    return web.json_response({"institution": institution, "restored_studies": studies})
+
+
+async def patient_access(request: web.Request) -> web.Response:
+    """GET /api/admin/audit/patient?patient=ISSUER|ID: who accessed this patient's images."""
+    issuer, sep, pid = request.query.get("patient", "").rpartition("|")
+    if not sep or not pid:
+        fail(400, "patient must be ISSUER|ID (ISSUER may be empty: |ID)")
+    archive = request.app[archive_key]
+    rows = await run_sync(request, archive.patient_access, pid, issuer)
+    archive.audit(from_principal(_principal(request), AuditAction.AUDIT, "success",
+                                 patient_id=pid, issuer=issuer, detail="patient access report"))
+    return web.json_response(rows)
+
+
+def _principal(request: web.Request) -> Principal:
+    return request.get("principal") or LOCAL

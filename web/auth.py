@@ -282,6 +282,12 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
                  Action.ADMIN: cfg.auth.admin_scope}[need]
         return _refuse(403, "insufficient scope",
                        f'{REALM}, error="insufficient_scope", scope="{scope}"')
+    revoked = await run_sync(request, request.app[archive_key].index.revoked_institutions)
+    if principal.institution in revoked:
+        # compromise containment: every token of a revoked institution is refused
+        log.info("HTTP %s %s from %s: the token's institution is revoked", request.method,
+                 request.path, address)
+        return _refuse(403, "access revoked", f'{REALM}, error="invalid_token"')
     request[PRINCIPAL] = principal
     return await handler(request)
 

@@ -18,7 +18,6 @@ async def tenancy_middleware(request: web.Request, handler: Any) -> web.StreamRe
     study = request.match_info.get("study")
     # STOW-RS to /studies/{study} may create the study: storing needs no visibility
     if study is not None and request.method != "POST":
-        who = viewer(request)
-        if who is not None:
-            await run_sync(request, request.app[archive_key].check_visible, study, who)
+        await run_sync(request, request.app[archive_key].check_visible, study,
+                       viewer(request))
     return await handler(request)

@@ -83,6 +83,10 @@ def _v6_audit(conn: Connection) -> None:
     create_audit_table(conn)
 
 
+def _v7_revocation(conn: Connection) -> None:
+    schema.revocation.create(conn, checkfirst=True)
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "prefix-match indexes for PostgreSQL", _v2_pattern_indexes),
@@ -90,6 +94,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "study stability, gap-free change counter, webhook outbox", _v4_hcm),
     (5, "study sources for tenancy", _v5_study_sources),
     (6, "hash-chained audit trail", _v6_audit),
+    (7, "revocation of a compromised institution", _v7_revocation),
 ]
 
 LATEST = STEPS[-1][0]

@@ -31,6 +31,7 @@ from anim.index.schema import (
     counter,
     instance,
     patient,
+    revocation,
     series,
     study,
     study_source,
@@ -225,6 +226,7 @@ class Index:
     def __init__(self, engine: Engine, batch_max: int = 64) -> None:
         self.engine = engine
         self._writer = GroupCommitter(engine, batch_max)
+        self._revs: tuple[float, tuple[tuple[str, str], ...]] = (0.0, ())
 
     def close(self) -> None:
         self._writer.close()
@@ -310,7 +312,7 @@ class Index:
                 v.c.header_key, v.c.pixel_key, v.c.trailer_key, v.c.size, v.c.id]
         if with_json:
             cols.append(v.c.dicom_json)
-        q = _in_scope(select(*cols), study_uid, series_uid, sop_uid)
+        q = _in_scope(select(*cols), study_uid, series_uid, sop_uid, self.revocations())
         # NULL instance numbers last on both engines
         q = q.order_by(series.c.id, i.c.instance_number.is_(None), i.c.instance_number, i.c.id)
         with self.engine.connect() as conn:
@@ -338,7 +340,8 @@ class Index:
         """
         v = version
         q = _in_scope(select(func.count(), func.coalesce(func.max(v.c.id), 0),
-                             func.max(v.c.received_at)), study_uid, series_uid, sop_uid)
+                             func.max(v.c.received_at)), study_uid, series_uid, sop_uid,
+                      self.revocations())
         with self.engine.connect() as conn:
             n, top, last = conn.execute(q).one()
         return int(n), int(top), datetime.fromisoformat(last) if last else None
@@ -497,10 +500,47 @@ class Index:
                 out.append(entry)
         return out
 
-    def is_visible(self, study_uid: str, viewer: Viewer) -> bool:
-        from anim.index.search import visible_study
+    # ---- compromise containment (docs/security.md) ----------------------------------
 
-        q = select(study.c.id).where(study.c.study_uid == study_uid, visible_study(viewer))
+    def revocations(self) -> tuple[tuple[str, str], ...]:
+        """(institution, cut-off) of the revocations in force; read at most once a second
+        (every node sees a revocation within a second)."""
+        at, revs = self._revs
+        if time.monotonic() - at < 1.0:
+            return revs
+        q = select(revocation.c.institution, revocation.c.after).where(
+            revocation.c.restored_at == "").order_by(revocation.c.id)
+        with self.engine.connect() as conn:
+            revs = tuple((r.institution, r.after) for r in conn.execute(q))
+        self._revs = (time.monotonic(), revs)
+        return revs
+
+    def revoked_institutions(self) -> frozenset[str]:
+        return frozenset(inst for inst, _after in self.revocations())
+
+    def revoke(self, institution: str, after: str, reason: str = "") -> list[str]:
+        """Revoke *institution*; hide what it sent from *after* on. Returns the studies
+        touched; each gets a ``study_contained`` change."""
+        done = self._writer.submit(lambda conn, _c: _revoke(conn, institution, after, reason))
+        self._revs = (0.0, ())
+        return list(done)
+
+    def restore(self, institution: str) -> list[str]:
+        """End the revocations of *institution*: everything comes back as it was."""
+        done = self._writer.submit(lambda conn, _c: _restore(conn, institution))
+        self._revs = (0.0, ())
+        return list(done)
+
+    def is_visible(self, study_uid: str, viewer: Viewer | None) -> bool:
+        from anim.index.search import _uncontained, visible_study
+        from anim.query import Level
+
+        q = select(study.c.id).where(study.c.study_uid == study_uid)
+        if viewer is not None:
+            q = q.where(visible_study(viewer))
+        revs = self.revocations()
+        if revs:
+            q = q.where(_uncontained(Level.STUDY, revs))
         with self.engine.connect() as conn:
             return conn.execute(q).first() is not None
 
@@ -509,7 +549,8 @@ class Index:
         return "stable" if self.study_row(study_uid)["settled"] else "receiving"
 
 
-def _in_scope(q: Any, study_uid: str, series_uid: str | None, sop_uid: str | None) -> Any:
+def _in_scope(q: Any, study_uid: str, series_uid: str | None, sop_uid: str | None,
+              revs: tuple[tuple[str, str], ...] = ()) -> Any:
     """*q* over the current versions of the instances of a study / series / instance."""
     i, v = instance, version
     q = (q.select_from(i.join(v, v.c.id == i.c.current_version_fk)
@@ -520,6 +561,10 @@ def _in_scope(q: Any, study_uid: str, series_uid: str | None, sop_uid: str | Non
         q = q.where(series.c.series_uid == series_uid)
     if sop_uid is not None:
         q = q.where(i.c.sop_uid == sop_uid)
+    if revs:
+        from anim.index.search import contained
+
+        q = q.where(~contained(revs))
     return q
 
 
@@ -916,3 +961,43 @@ def _recount_after_removal(conn: Connection, st: Any, series_ids: set[int],
         conn.execute(patient.delete().where(patient.c.id == st.patient_fk,
                                             patient.c.num_studies <= 0))
         _log_change(conn, "study_deleted", pk, None, at)
+
+
+def _contained_studies(conn: Connection, institution: str, after: str) -> list[Any]:
+    """Studies with current content *institution* sent from *after* on."""
+    return conn.execute(
+        select(study.c.study_uid, patient.c.patient_id, patient.c.issuer).distinct()
+        .select_from(instance.join(version, version.c.id == instance.c.current_version_fk)
+                     .join(series, series.c.id == instance.c.series_fk)
+                     .join(study, study.c.id == series.c.study_fk)
+                     .join(patient, patient.c.id == study.c.patient_fk))
+        .where(version.c.institution == institution, version.c.received_at >= after)
+        .order_by(study.c.study_uid)).all()
+
+
+def _revoke(conn: Connection, institution: str, after: str, reason: str) -> list[str]:
+    at = now()
+    conn.execute(revocation.insert().values(institution=institution, after=after,
+                                            revoked_at=at, restored_at="", reason=reason))
+    rows = _contained_studies(conn, institution, after)
+    for r in rows:
+        _log_change(conn, "study_contained", {"study_uid": r.study_uid,
+                                              "patient_id": r.patient_id,
+                                              "issuer": r.issuer}, None, at)
+    return [r.study_uid for r in rows]
+
+
+def _restore(conn: Connection, institution: str) -> list[str]:
+    active = conn.execute(select(revocation.c.id, revocation.c.after).where(
+        revocation.c.institution == institution, revocation.c.restored_at == "")).all()
+    if not active:
+        raise NotFound(f"no revocation of {institution} in force")
+    at = now()
+    conn.execute(update(revocation).where(revocation.c.id.in_([r.id for r in active]))
+                 .values(restored_at=at))
+    rows = _contained_studies(conn, institution, min(r.after for r in active))
+    for r in rows:
+        _log_change(conn, "study_restored", {"study_uid": r.study_uid,
+                                             "patient_id": r.patient_id,
+                                             "issuer": r.issuer}, None, at)
+    return [r.study_uid for r in rows]

@@ -150,6 +150,20 @@ study_source = Table(
     Index("ix_study_source_institution", "institution", "study_fk"),
 )
 
+# Compromise containment (docs/security.md): an institution's AEs and tokens are refused
+# from revoked_at on, and what it sent from *after* on is hidden from every query and
+# retrieval (kept, restorable) until restored_at (migration 7).
+revocation = Table(
+    "revocation",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("institution", String(64), nullable=False, index=True),
+    Column("after", String(32), nullable=False),  # ISO 8601 UTC
+    Column("revoked_at", String(32), nullable=False),
+    Column("restored_at", String(32), nullable=False, default=""),  # '' = in force
+    Column("reason", String(256), nullable=False, default=""),
+)
+
 # Named counters. "change" hands out the change sequence: taken with a row lock at the
 # end of each write transaction, so numbers are committed in order and without holes
 # even with several archive processes on one database (a database sequence is neither).

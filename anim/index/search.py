@@ -228,6 +228,8 @@ def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
             on_patient.append(cond)
         else:
             stmt = stmt.where(cond)
+    if q.contained:
+        stmt = stmt.where(_uncontained(q.level, q.contained))
     if q.viewer is not None:
         if q.level is Level.PATIENT:
             stmt = stmt.where(patient.c.id.in_(
@@ -245,6 +247,28 @@ def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
     if q.offset:
         stmt = stmt.offset(q.offset)
     return stmt, keys
+
+
+def contained(revs: tuple[tuple[str, str], ...]) -> ColumnElement[bool]:
+    """True for a version a revoked institution sent after its cut-off."""
+    return or_(*(and_(version.c.institution == inst, version.c.received_at >= after)
+                 for inst, after in revs))
+
+
+def _uncontained(level: Level, revs: tuple[tuple[str, str], ...]) -> ColumnElement[bool]:
+    """Entities with at least one current instance not contained (docs/security.md)."""
+    if level is Level.IMAGE:
+        return instance.c.current_version_fk.notin_(
+            select(version.c.id).where(contained(revs)))
+    live = (select(instance.c.series_fk)
+            .join(version, version.c.id == instance.c.current_version_fk)
+            .where(~contained(revs)))
+    if level is Level.SERIES:
+        return series.c.id.in_(live)
+    studies = select(series.c.study_fk).where(series.c.id.in_(live))
+    if level is Level.STUDY:
+        return study.c.id.in_(studies)
+    return patient.c.id.in_(select(study.c.patient_fk).where(study.c.id.in_(studies)))
 
 
 def visible_study(viewer: Viewer) -> ColumnElement[bool]:
