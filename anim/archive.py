@@ -116,6 +116,19 @@ class Archive:
                                   study_uids=tuple(studies), detail=institution))
         return studies
 
+    def restrict(self, study_uid: str, reason: str = "", lift: bool = False,
+                 principal: Principal | None = None) -> None:
+        """A patient's restriction of a study (EHDS Art. 8), or its lifting."""
+        if lift:
+            self.index.lift_restriction(study_uid)
+        else:
+            self.index.restrict(study_uid, reason)
+        pid, issuer = self.patient_of(study_uid)
+        self.audit(from_principal(principal or _LOCAL, AuditAction.RESTRICT, "success",
+                                  reason=reason[:64], patient_id=pid, issuer=issuer,
+                                  study_uids=(study_uid,),
+                                  detail="lifted" if lift else "restricted"))
+
     def patient_access(self, patient_id: str, issuer: str) -> list[dict[str, Any]]:
         """Who accessed this patient's images (EHDS Art. 8/9), from the audit trail."""
         self.flush_audit()

@@ -204,6 +204,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restrict(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _setup_logging("WARNING", args.debug)
+    with Archive.open(cfg) as archive:
+        archive.restrict(args.study, args.reason, lift=args.lift)
+    print(f"study {args.study}: restriction {'lifted' if args.lift else 'in force'}")
+    return 0
+
+
 def cmd_changes(args: argparse.Namespace) -> int:
     import json
 
@@ -281,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reason", default="", help="why, for the audit trail")
     r.add_argument("--restore", action="store_true", help="end the revocation instead")
     r.set_defaults(func=cmd_revoke)
+
+    t = sub.add_parser("restrict", help="a patient's restriction: hide a study from all but "
+                                        "the institutions that sent it (or --lift it)")
+    _common(t)
+    t.add_argument("study")
+    t.add_argument("--reason", default="")
+    t.add_argument("--lift", action="store_true")
+    t.set_defaults(func=cmd_restrict)
 
     audit_cli.add_parser(sub, _common)
     return parser

@@ -48,6 +48,7 @@ class Viewer:
     sees: frozenset[str]  # institutions whose studies it sees (its own included)
     shared_studies: frozenset[str] = frozenset()
     shared_patients: frozenset[tuple[str, str]] = frozenset()  # (issuer, patient id)
+    national: bool = False  # sees every study, but for patients' restrictions
 
 
 def viewer_for(principal: Principal, cfg: Config) -> Viewer | None:
@@ -56,13 +57,13 @@ def viewer_for(principal: Principal, cfg: Config) -> Viewer | None:
     if not cfg.security.tenancy or principal.kind == "local":
         return None
     sees = {principal.institution}
+    national = False
     for rule in cfg.security.institutions:
         if rule.name == principal.institution:
-            if rule.national:
-                return None
+            national = national or rule.national
             sees |= rule.sees
     mine = [r for r in cfg.security.shares if principal.institution in r.institutions]
     return Viewer(
-        institution=principal.institution, sees=frozenset(sees),
+        institution=principal.institution, sees=frozenset(sees), national=national,
         shared_studies=frozenset(r.study_uid for r in mine if r.study_uid),
         shared_patients=frozenset((r.issuer, r.patient_id) for r in mine if r.patient_id))

@@ -108,3 +108,24 @@ async def patient_access(request: web.Request) -> web.Response:
 
 def _principal(request: web.Request) -> Principal:
     return request.get("principal") or LOCAL
+
+
+async def restrictions_post(request: web.Request) -> web.Response:
+    """POST /api/admin/restrictions {"study", "reason"}: a patient's restriction."""
+    try:
+        body = await request.json()
+        study = str(body["study"])
+    except (ValueError, KeyError, TypeError):
+        fail(400, "expected JSON with study (a Study Instance UID) and reason")
+    archive = request.app[archive_key]
+    await run_sync(request, lambda: archive.restrict(
+        study, str(body.get("reason", ""))[:256], principal=_principal(request)))
+    return web.json_response({"study": study, "restricted": True})
+
+
+async def restrictions_delete(request: web.Request) -> web.Response:
+    archive = request.app[archive_key]
+    study = request.match_info["restricted"]
+    await run_sync(request, lambda: archive.restrict(study, lift=True,
+                                                     principal=_principal(request)))
+    return web.json_response({"study": study, "restricted": False})

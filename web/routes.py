@@ -23,6 +23,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/api/admin/revocations", admin.revocations_post)
     r.add_delete("/api/admin/revocations/{institution}", admin.revocations_delete)
     r.add_get("/api/admin/audit/patient", admin.patient_access)
+    r.add_post("/api/admin/restrictions", admin.restrictions_post)
+    # {restricted}, not {study}: lifting must not be hidden by the restriction itself
+    r.add_delete("/api/admin/restrictions/{restricted}", admin.restrictions_delete)
     r.add_get("/api/ui-config", admin.ui_config)
     r.add_route("OPTIONS", DW, capabilities.options)
     # QIDO-RS (PS3.18 10.6)

@@ -87,6 +87,10 @@ def _v7_revocation(conn: Connection) -> None:
     schema.revocation.create(conn, checkfirst=True)
 
 
+def _v8_restriction(conn: Connection) -> None:
+    schema.restriction.create(conn, checkfirst=True)
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "prefix-match indexes for PostgreSQL", _v2_pattern_indexes),
@@ -95,6 +99,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "study sources for tenancy", _v5_study_sources),
     (6, "hash-chained audit trail", _v6_audit),
     (7, "revocation of a compromised institution", _v7_revocation),
+    (8, "patients' restrictions", _v8_restriction),
 ]
 
 LATEST = STEPS[-1][0]

@@ -31,6 +31,7 @@ from anim.index.schema import (
     counter,
     instance,
     patient,
+    restriction,
     revocation,
     series,
     study,
@@ -530,6 +531,21 @@ class Index:
         done = self._writer.submit(lambda conn, _c: _restore(conn, institution))
         self._revs = (0.0, ())
         return list(done)
+
+    def restrict(self, study_uid: str, reason: str = "") -> None:
+        """A patient's restriction: hide the study from all but its senders."""
+        self.study_row(study_uid)  # NotFound for a study not held
+        with self.engine.connect().execution_options(anim_writer=True) as conn, conn.begin():
+            conn.execute(_insert(conn, restriction).values(
+                study_uid=study_uid, created_at=now(), reason=reason[:256])
+                .on_conflict_do_nothing())
+
+    def lift_restriction(self, study_uid: str) -> None:
+        with self.engine.connect().execution_options(anim_writer=True) as conn, conn.begin():
+            gone = conn.execute(restriction.delete().where(
+                restriction.c.study_uid == study_uid)).rowcount
+        if not gone:
+            raise NotFound(f"no restriction on study {study_uid}")
 
     def is_visible(self, study_uid: str, viewer: Viewer | None) -> bool:
         from anim.index.search import _uncontained, visible_study

@@ -164,6 +164,16 @@ revocation = Table(
     Column("reason", String(256), nullable=False, default=""),
 )
 
+# Patients' restrictions (EHDS Art. 8): a restricted study is hidden from every
+# institution but those that sent it, national roles included (migration 8).
+restriction = Table(
+    "restriction",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("created_at", String(32), nullable=False),
+    Column("reason", String(256), nullable=False, default=""),
+)
+
 # Named counters. "change" hands out the change sequence: taken with a row lock at the
 # end of each write transaction, so numbers are committed in order and without holes
 # even with several archive processes on one database (a database sequence is neither).

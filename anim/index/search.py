@@ -30,7 +30,15 @@ from sqlalchemy import (
 )
 
 from anim.errors import InvalidQuery
-from anim.index.schema import instance, patient, series, study, study_source, version
+from anim.index.schema import (
+    instance,
+    patient,
+    restriction,
+    series,
+    study,
+    study_source,
+    version,
+)
 from anim.query import INDEXED, Level, Query, level_of_tag, vr_of
 from anim.security import Viewer
 
@@ -274,6 +282,12 @@ def _uncontained(level: Level, revs: tuple[tuple[str, str], ...]) -> ColumnEleme
 def visible_study(viewer: Viewer) -> ColumnElement[bool]:
     """The tenancy filter on ``study`` rows (docs/security.md): a study sent (in part) by
     an institution the viewer sees, or one a sharing rule shows it."""
+    own = study.c.id.in_(select(study_source.c.study_fk).where(
+        study_source.c.institution == viewer.institution))
+    # a patient's restriction: only the institutions that sent the study still see it
+    unrestricted = or_(study.c.study_uid.notin_(select(restriction.c.study_uid)), own)
+    if viewer.national:
+        return unrestricted
     conds: list[ColumnElement[bool]] = [study.c.id.in_(
         select(study_source.c.study_fk).where(study_source.c.institution.in_(viewer.sees)))]
     if viewer.shared_studies:
@@ -282,7 +296,7 @@ def visible_study(viewer: Viewer) -> ColumnElement[bool]:
         conds.append(study.c.patient_fk.in_(select(patient.c.id).where(or_(*(
             and_(patient.c.issuer == issuer, patient.c.patient_id == pid)
             for issuer, pid in sorted(viewer.shared_patients))))))
-    return or_(*conds)
+    return and_(or_(*conds), unrestricted)
 
 
 def _converter(vr: str) -> Any:

@@ -270,3 +270,88 @@ jwks_file = "{jwks}"
     assert has(action="login", outcome="failure")
     assert trail.verify().ok
     engine.dispose()
+
+
+def test_a_patients_restriction_hides_a_study_from_all_but_its_sender_and_the_trail_holds(
+        make_server: type[AnimServer], tmp_path: Path) -> None:
+    import socket
+    import sqlite3
+    import sys
+
+    import requests
+
+    from tests.conftest import ROOT
+    from tests.integration.test_http_auth import AUDIENCE, ISSUER, Idp, write_jwks
+
+    idp = Idp()
+    jwks = write_jwks(tmp_path / "jwks.json", *idp.jwks()["keys"])
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a test ATNA repository
+    collector.bind(("127.0.0.1", 0))
+    collector.settimeout(10)
+    extra = f"""
+[security.institutions.NATIONAL]
+national = true
+[audit]
+syslog_url = "udp://127.0.0.1:{collector.getsockname()[1]}"
+[auth]
+enabled = true
+[auth.issuers.idp]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+jwks_file = "{jwks}"
+"""
+    cfg = config(tmp_path / "anim.toml", _free_port(), _free_port(), extra=extra)
+    srv = make_server(tmp_path / "data", args=["--config", str(cfg)]).start()
+    for folder in A_STUDIES:
+        assert storescu(srv.dimse_port, folder, calling="MOD_A").returncode == 0
+
+    def who(institution: str, scope: str = "anim.read") -> dict[str, str]:
+        claims = idp.claims(scope=scope, institution=institution, sub=f"user-{institution}")
+        return {"Authorization": f"Bearer {idp.token(claims)}"}
+
+    def seen(institution: str) -> set[str]:
+        r = requests.get(f"{srv.url}/dicom-web/studies", headers=who(institution), timeout=30)
+        return {s["0020000D"]["Value"][0] for s in r.json()}
+
+    shared = uid_of(SHARED)
+    assert shared in seen("HOSP-B")
+    assert seen("NATIONAL") == {uid_of(f) for f in A_STUDIES}
+    admin = who("NATIONAL", "anim.read anim.admin")
+    r = requests.post(f"{srv.url}/api/admin/restrictions", headers=admin, timeout=30,
+                      json={"study": shared, "reason": "patient request"})
+    assert r.status_code == 200
+    assert shared not in seen("HOSP-B")  # the sharing rule no longer shows it
+    assert shared not in seen("NATIONAL")  # nor does a national role
+    assert shared in seen("HOSP-A")  # its sender still sees it
+    assert requests.get(f"{srv.url}/dicom-web/studies/{shared}/metadata",
+                        headers=who("HOSP-B"), timeout=30).status_code == 404
+    r = requests.delete(f"{srv.url}/api/admin/restrictions/{shared}", headers=admin,
+                        timeout=30)
+    assert r.status_code == 200
+    assert shared in seen("HOSP-B")
+
+    # the audit records reached the ATNA repository as RFC 5424 syslog messages
+    message = collector.recv(65536)
+    assert message.startswith(b"<")
+    assert b">1 " in message[:8]
+    assert b"IHE+RFC-3881" in message
+    assert b"<AuditMessage" in message
+    collector.close()
+
+    # anim audit verify: intact; then one row changed in the database: it names that row
+    srv.stop()
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "anim", "audit", "verify",
+                               "--data", str(tmp_path / "data")],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    assert verify().returncode == 0
+    db = sqlite3.connect(tmp_path / "data" / "index.sqlite")
+    seq = db.execute("SELECT seq FROM audit WHERE action = 'restrict' ORDER BY seq").fetchone()[0]
+    db.execute("UPDATE audit SET who = 'someone-else' WHERE seq = ?", (seq,))
+    db.commit()
+    db.close()
+    broken = verify()
+    assert broken.returncode == 1
+    assert str(seq) in broken.stdout + broken.stderr
