@@ -60,6 +60,7 @@ class DimseConfig:
     aet: str = "ANIM"
     max_pdu: int = 0  # 0 = unlimited: fewer, larger P-DATA PDUs
     max_associations: int = 32
+    max_associations_per_ae: int = 8  # at once from one calling AE title; 0 = no limit
     network_timeout: float = 60.0
     allow_unknown_callers: bool = True
     # a known AE with a host may only call from that address (docs/security.md)

@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,9 @@ SOURCE_SERVICE_USER = 0x01  # "DICOM UL service-user"
 NO_REASON_GIVEN = 0x01
 CALLING_AE_NOT_RECOGNIZED = 0x03
 CALLED_AE_NOT_RECOGNIZED = 0x07
+# PS3.8 Table 9-21, source 3 "DICOM UL service-provider (presentation related)"
+SOURCE_PROVIDER_PRESENTATION = 0x03
+LOCAL_LIMIT_EXCEEDED = 0x02
 REASONS = {
     NO_REASON_GIVEN: "no-reason-given",
     CALLING_AE_NOT_RECOGNIZED: "calling-AE-title-not-recognized",
@@ -110,6 +114,9 @@ class AssociationGate:
                  revoked: Callable[[], frozenset[str]] = frozenset) -> None:
         self.aet = cfg.aet
         self.revoked = revoked  # institutions whose AEs are refused (containment)
+        self.per_ae = cfg.max_associations_per_ae
+        self._active: dict[str, int] = {}
+        self._lock = threading.Lock()
         self.allow_unknown = cfg.allow_unknown_callers
         self.known = {ae.title: ae for ae in cfg.known_aes}
         self.addresses: dict[str, frozenset[IPAddress]] = {
@@ -143,6 +150,30 @@ class AssociationGate:
         return None
 
 
+    def admit(self, calling: str, assoc: Any) -> bool:
+        """Count the association against its AE's limit; False when over it."""
+        with self._lock:
+            n = self._active.get(calling, 0)
+            if self.per_ae and n >= self.per_ae:
+                return False
+            self._active[calling] = n + 1
+        assoc._anim_counted = calling
+        return True
+
+    def release(self, event: Event) -> None:
+        """``EVT_CONN_CLOSE``: the association no longer counts (once)."""
+        calling = getattr(event.assoc, "_anim_counted", None)
+        if calling is None:
+            return
+        event.assoc._anim_counted = None
+        with self._lock:
+            left = self._active.get(calling, 1) - 1
+            if left > 0:
+                self._active[calling] = left
+            else:
+                self._active.pop(calling, None)
+
+
 def handle_requested(event: Event, gate: AssociationGate, on_refused: OnRefused | None
                      ) -> None:
     """``EVT_REQUESTED``: reject an A-ASSOCIATE-RQ the gate refuses, before negotiation.
@@ -162,13 +193,21 @@ def handle_requested(event: Event, gate: AssociationGate, on_refused: OnRefused 
     except Exception:
         log.exception("DIMSE: association check failed; rejecting")
         result, diagnostic = REJECTED_TRANSIENT, NO_REASON_GIVEN
+    source = SOURCE_SERVICE_USER
     if diagnostic is None:
-        return
-    reason = REASONS[diagnostic]
+        if gate.admit(calling, assoc):
+            return
+        # one AE may not take every association of the archive (PS3.8 Table 9-21:
+        # transient, service-provider, local-limit-exceeded: it may try again later)
+        result, source, diagnostic = (REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION,
+                                      LOCAL_LIMIT_EXCEEDED)
+        reason = "local-limit-exceeded"
+    else:
+        reason = REASONS[diagnostic]
     log.info("DIMSE: association from %s at %s to %s rejected: %s",
              calling, address, called, reason)
     try:
-        assoc.acse.send_reject(result, SOURCE_SERVICE_USER, diagnostic)
+        assoc.acse.send_reject(result, source, diagnostic)
     except Exception:
         log.exception("DIMSE: A-ASSOCIATE-RJ could not be sent; aborting")
         assoc.abort()

@@ -106,6 +106,7 @@ def start(archive: Archive, cfg: DimseConfig,
     evt_handlers += [
         (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
         (evt.EVT_REQUESTED, security.handle_requested, [gate, on_refused]),
+        (evt.EVT_CONN_CLOSE, gate.release),
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [archive, cfg]),
         (evt.EVT_C_FIND, qr.handle_find, [archive, cfg]),

@@ -211,3 +211,28 @@ def test_tls_without_client_authentication(make_server: type[AnimServer], tmp_pa
     assert echo.returncode == 0, output(echo)
     plain = echoscu(srv.dimse_port, calling="MODALITY1")
     assert plain.returncode != 0
+
+
+def test_associations_per_ae_are_limited_and_freed(make_server: type[AnimServer],
+                                                    tmp_path: Path) -> None:
+    """One AE may hold [dimse].max_associations_per_ae at once; the next gets a transient
+    A-ASSOCIATE-RJ (local-limit-exceeded), another AE is unaffected, and a released
+    association frees its place."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    srv = make_server(tmp_path / "data", env={"ANIM_DIMSE_MAX_ASSOCIATIONS_PER_AE": "2"}).start()
+    ae = AE(ae_title="BUSY")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", srv.dimse_port, ae_title="ANIM") for _ in range(2)]
+    assert all(a.is_established for a in held)
+    third = echoscu(srv.dimse_port, calling="BUSY")
+    assert third.returncode != 0
+    assert "Local Limit Exceeded" in output(third)
+    assert echoscu(srv.dimse_port, calling="OTHER").returncode == 0
+    held[0].release()
+    deadline = time.monotonic() + 10
+    while echoscu(srv.dimse_port, calling="BUSY").returncode != 0:
+        assert time.monotonic() < deadline, "a released association never freed its place"
+        time.sleep(0.1)
+    held[1].release()
