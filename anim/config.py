@@ -95,6 +95,8 @@ class WebConfig:
     ohif_url: str = ""  # an OHIF viewer the web page links studies to; empty = no link
     tls_cert: str = ""  # HTTPS when both are set
     tls_key: str = ""
+    rate_limit: float = 0.0  # requests per second per client (token or address); 0 = off
+    rate_burst: int = 0  # requests a client may make at once; 0 = twice rate_limit
 
     @property
     def origins(self) -> frozenset[str]:

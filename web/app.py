@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from anim import Archive, WebConfig
-from web import audit, auth, cors, routes, tenancy, webhooks
+from web import audit, auth, cors, ratelimit, routes, tenancy, webhooks
 from web.errors import errors_middleware
 from web.keys import archive_key, config_key, executor_key, origin_key, stream_executor_key
 
@@ -36,6 +36,7 @@ def create_app(archive: Archive, cfg: WebConfig,
     # guards every handler and the CORS capabilities answer after it; tenancy inside
     # the error middleware, whose 404 it raises for a study the caller may not see
     app = web.Application(middlewares=[audit.audit_middleware, auth.auth_middleware,
+                                       ratelimit.ratelimit_middleware,
                                        cors.cors_middleware, errors_middleware,
                                        tenancy.tenancy_middleware])
     app.on_response_prepare.append(cors.on_prepare)
