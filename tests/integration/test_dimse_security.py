@@ -20,6 +20,7 @@ import requests
 import trustme
 
 from tests.conftest import SAMPLES, AnimServer, dcmtk, echoscu, sample_files, storescu
+from tests.integration.test_tenancy import trail_rows
 
 REJECTED = "Result: Rejected Permanent, Source: Service User"  # DCMTK's wording
 
@@ -59,6 +60,11 @@ def test_unknown_calling_ae_is_rejected_and_a_known_one_accepted(closed: AnimSer
     # the rejection is logged with who and where (and nothing about patients)
     assert ("association from STRANGER at 127.0.0.1 to ANIM rejected: "
             "calling-AE-title-not-recognized") in closed.log
+    # ... and in the audit trail: who, from where, the outcome and why
+    rows = trail_rows(closed, lambda r: r["action"] == "association", 2)
+    assert len(rows) == 2  # the echo and the store
+    assert all((r["who"], r["address"], r["outcome"], r["reason"]) == (
+        "STRANGER", "127.0.0.1", "failure", "calling-AE-title-not-recognized") for r in rows)
 
 
 def test_wrong_called_ae_is_rejected(closed: AnimServer) -> None:
@@ -189,6 +195,11 @@ def test_tls_refuses_wrong_certificate_no_certificate_and_plain_dicom(tls: AnimS
     assert instances(tls) == 0
     assert "TLS handshake with 127.0.0.1 refused: CERTIFICATE_VERIFY_FAILED" in tls.log
     assert "TLS handshake with 127.0.0.1 refused: PEER_DID_NOT_RETURN_A_CERTIFICATE" in tls.log
+    refused = trail_rows(tls, lambda r: r["action"] == "association", 3)
+    reasons = " ".join(r["reason"] for r in refused)
+    assert "CERTIFICATE_VERIFY_FAILED" in reasons
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reasons
+    assert all(r["outcome"] == "failure" and r["address"] == "127.0.0.1" for r in refused)
     # the archive is still there for the right client
     echo = tls_echoscu(tls.dimse_port, *pki.client_tls())
     assert echo.returncode == 0, output(echo)
