@@ -19,8 +19,8 @@ _QUIET = ("/health", "/version", "/api/ui-config", "/static/", "/favicon")
 
 def _action(request: web.Request, status: int) -> AuditAction | None:
     path, method = request.path, request.method
-    if status == 401:
-        return AuditAction.LOGIN
+    if status in (401, 403):
+        return AuditAction.LOGIN  # refused: no valid token, too little scope, revoked
     if method == "DELETE":
         return AuditAction.DELETE
     if method != "GET" or path == "/" or path.startswith(_QUIET):

@@ -274,6 +274,8 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     except KeysUnavailable as e:
         log.warning("cannot verify tokens: %s", e)
         return error_response(503, "token keys unavailable; try again later")
+    # known from here on, refused or not: the audit trail names who was refused
+    request[PRINCIPAL] = principal
     need = required_action(request)
     if not principal.may(need):
         log.info("HTTP %s %s from %s: token lacks the %s scope", request.method,

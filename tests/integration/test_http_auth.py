@@ -457,3 +457,23 @@ def test_serve_on_all_interfaces_without_auth_refuses_to_start(tmp_path: Path) -
     text = "".join(said)
     assert "without authentication" in text
     assert "allow_unauthenticated_remote" in text
+
+
+def test_refused_tokens_and_scopes_are_in_the_audit_trail(server: AnimServer, idp: Idp) -> None:
+    from tests.integration.test_tenancy import trail_rows
+
+    marker = "/dicom-web/studies/1.2.3.999.4242/metadata"
+    assert get(server, marker, "a.b.c").status_code == 401
+    assert get(server, marker, idp.alg_none()).status_code == 401
+    read_only = idp.token(idp.claims(scope="anim.read"))
+    r = requests.get(f"{server.url}/api/admin/summary", headers=bearer(read_only),
+                     timeout=TIMEOUT)
+    assert r.status_code == 403
+    logins = trail_rows(server, lambda r: r["action"] == "login" and marker in r["detail"], 2)
+    assert len(logins) == 2
+    assert all((r["outcome"], r["reason"], r["who"]) == ("failure", "HTTP 401",
+                                                         "(invalid token)") for r in logins)
+    assert SUBJECT not in str(logins)
+    scoped = trail_rows(server, lambda r: r["action"] == "login" and r["reason"] == "HTTP 403"
+                        and r["detail"] == "GET /api/admin/summary", 1)
+    assert [(r["who"], r["institution"]) for r in scoped][:1] == [(SUBJECT, INSTITUTION)]
