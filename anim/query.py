@@ -127,6 +127,10 @@ class Query:
             vr_of(kw)
             if not isinstance(value, str):
                 raise InvalidQuery(f"{kw}: matching value must be text")
+            if "\x00" in value:
+                # not a DICOM text character (PS3.5 6.1.3), and PostgreSQL text cannot
+                # hold it: refused alike on both engines, for C-FIND as for QIDO-RS
+                raise InvalidQuery(f"{kw}: a NUL character is not allowed")
         if self.limit is not None and self.limit < 0:
             raise InvalidQuery("limit must not be negative")
         if self.offset < 0:

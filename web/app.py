@@ -11,7 +11,7 @@ from aiohttp import web
 
 from anim import Archive, WebConfig
 from web import audit, auth, cors, ratelimit, routes, tenancy, webhooks
-from web.errors import errors_middleware
+from web.errors import errors_middleware, nul_middleware
 from web.keys import archive_key, config_key, executor_key, origin_key, stream_executor_key
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def create_app(archive: Archive, cfg: WebConfig,
     # audit outermost: it sees every outcome, refused tokens included; auth next: it
     # guards every handler and the CORS capabilities answer after it; tenancy inside
     # the error middleware, whose 404 it raises for a study the caller may not see
-    app = web.Application(middlewares=[audit.audit_middleware, auth.auth_middleware,
+    app = web.Application(middlewares=[nul_middleware, audit.audit_middleware,
+                                       auth.auth_middleware,
                                        ratelimit.ratelimit_middleware,
                                        cors.cors_middleware, errors_middleware,
                                        tenancy.tenancy_middleware])

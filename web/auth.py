@@ -263,7 +263,7 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     invalid = f'{REALM}, error="invalid_token"'
     try:
         principal = await run_sync(request, request.app[validator_key].validate, token, address)
-    except TokenRefused as e:
+    except (TokenRefused, UnicodeError) as e:  # UnicodeError: a token that is not ASCII
         log.info("HTTP %s %s from %s: token refused: %s", request.method, request.path,
                  address, e)
         return _refuse(401, "invalid token", invalid)

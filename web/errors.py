@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any, NoReturn
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 
 from anim import (
     AnimError,
@@ -61,6 +61,10 @@ def fail(status: int, reason: str) -> NoReturn:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.version < HttpVersion10:
+        # a request line without a version (HTTP/0.9) does not match the HTTP/1.1 grammar
+        # (RFC 9112 3: 400); it is also what a CR LF smuggled into the target leaves
+        return error_response(400, "HTTP/1.0 or HTTP/1.1 request line required")
     try:
         return await handler(request)
     except web.HTTPException as e:
@@ -74,3 +78,12 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception:
         log.exception("HTTP %s %s failed", request.method, request.path)
         return error_response(500, "internal error; the server log has the details")
+
+
+@web.middleware
+async def nul_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """No NUL in a URL: not a character of any DICOM UID or text (PS3.5 6.1.3, 9.1), and
+    PostgreSQL cannot hold it; refused before anything looks anything up."""
+    if "\x00" in request.path or "\x00" in request.match_info.get("study", ""):
+        return error_response(400, "a NUL character is not allowed in a URL")
+    return await handler(request)

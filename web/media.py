@@ -65,6 +65,8 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     ranges: list[MediaRange] = []
     for item in _split(header, ","):
         parts = _split(item, ";")
+        if not parts:
+            continue  # an element of separators only: ignored (RFC 9110 5.6.1)
         mtype = parts[0].lower()
         params: dict[str, str] = {}
         q = 1.0

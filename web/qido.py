@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -51,6 +52,8 @@ INSTANCE_KEYS = (
     "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
 )
 MAX_PAGING = 2**31 - 1
+IS_RANGE = range(-(2**31), 2**31)  # PS3.5 Table 6.2-1: the values an IS may hold
+_TAG = re.compile(r"[0-9A-Fa-f]{8}")  # PS3.18 8.3.4.1: a tag is exactly 8 hex digits
 _CONTROL = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching",
             "multiplevaluematching", "orderby"}
 _NAMES = {Level.PATIENT: "patient", Level.STUDY: "study", Level.SERIES: "series",
@@ -106,6 +109,16 @@ def build_query(params: MultiDictProxy[str], level: Level, path: dict[str, str],
         An unknown attribute, a bad control parameter, a key the index cannot match
         or that lies below the resource's level.
     """
+    # NUL is none of the control characters DICOM text allows (PS3.5 6.1.3) and
+    # PostgreSQL text cannot hold one: refused here, alike on both index engines,
+    # instead of failing in the database (a 500)
+    if any("\x00" in t for t in (*path.values(), *params.keys(), *params.values())):
+        raise InvalidQuery("a NUL character is not allowed in a query")
+    for kw, uid in path.items():
+        # the path names one entity: not a list, a wildcard or nothing (which would
+        # match every study, or none at all)
+        if not uid.strip() or any(c in uid for c in "\\,*?"):
+            raise InvalidQuery(f"{kw} {uid!r} in the path is not one UID")
     warnings = _option_warnings(params)
     multiple = _flag(params, "multiplevaluematching")
     limit = _int(params, "limit", None)
@@ -162,13 +175,23 @@ def _level_of(kw: str) -> Level:
 def _attribute(name: str) -> str:
     if "." in name:
         raise InvalidQuery(f"{name}: matching inside sequences is not supported")
+    # a keyword or 8 hex digits, nothing int() would also take ("-0010010", "0x100010")
+    if tag_for_keyword(name) is None and not _TAG.fullmatch(name):
+        raise InvalidQuery(f"unknown attribute {name!r}")
     return keyword_of(name)
 
 
 def _value(kw: str, raw: str, multiple: bool) -> str:
     # PS3.18 8.3.4.2: a comma separates values of a UID list; for other attributes
     # only with multiplevaluematching=true (a name may contain a comma otherwise)
-    if vr_of(kw) == "UI" or multiple:
+    if vr_of(kw) == "UI":
+        # a backslash also separates UIDs (PS3.4 C.2.2.2.2); a list of separators only
+        # names no UID at all
+        uids = [u.strip() for u in re.split(r"[,\\]", raw) if u.strip()]
+        if not uids and raw.strip():
+            raise InvalidQuery(f"{kw}: {raw!r} names no UID")
+        return "\\".join(uids)
+    if multiple:
         return "\\".join(v.strip() for v in raw.split(",") if v.strip())
     return raw
 
@@ -189,6 +212,16 @@ def _check_key(kw: str, value: str, level: Level) -> None:
         raise InvalidQuery(
             f"{kw} is a {_NAMES[own]}-level attribute; this resource searches "
             f"{_NAMES[level]} level{hint}")
+    if vr_of(kw) == "IS":
+        # beyond it no stored value can match, and PostgreSQL's INTEGER columns refuse
+        # the parameter (a database error, a 500) where SQLite would just find nothing
+        for v in value.split("\\"):
+            try:
+                n = int(v)
+            except ValueError:
+                continue  # not a number: the engine says so
+            if n not in IS_RANGE:
+                raise InvalidQuery(f"{kw}: {v!r} is out of range for an IS value")
 
 
 def _run(archive: Archive, query: Query) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ from anim.query import INDEXED, Level, Query, level_of_tag, vr_of
 from anim.security import Viewer
 
 _ESC = "!"
-_MAX_INT = 2**63 - 1  # what both engines hold in an integer column
+_MAX_INT = 2**31 - 1  # the counts and numbers are 32-bit INTEGER columns on both engines
 
 
 def _like(value: str) -> str:
@@ -152,6 +152,8 @@ def condition(kw: str, value: str, alone: bool = True) -> ColumnElement[bool]:
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         if any(_has_wildcard(u) for u in uids):
             raise InvalidQuery(f"{kw}: wildcards are not allowed in UIDs")
+        if not uids:
+            raise InvalidQuery(f"{kw}: {value!r} names no UID")
         return col.in_(uids) if len(uids) > 1 else col == uids[0]
     if vr in ("DA", "TM", "DT"):
         _check_format(kw, vr, value)
