@@ -71,6 +71,12 @@ def handle_conn_open(event: Event) -> None:
             log.debug("TCP_NODELAY could not be set", exc_info=True)
 
 
+def handle_accepted(event: Event, archive: Archive) -> None:
+    """``EVT_ACCEPTED``: an association is a login (PS3.15 A.5.3.11): in the audit trail."""
+    archive.audit(from_principal(principal_of(event, archive.cfg.dimse),
+                                 AuditAction.ASSOCIATION, "success", detail="accepted"))
+
+
 def handle_echo(event: Event) -> int:
     return status.SUCCESS
 

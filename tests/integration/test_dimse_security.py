@@ -61,7 +61,8 @@ def test_unknown_calling_ae_is_rejected_and_a_known_one_accepted(closed: AnimSer
     assert ("association from STRANGER at 127.0.0.1 to ANIM rejected: "
             "calling-AE-title-not-recognized") in closed.log
     # ... and in the audit trail: who, from where, the outcome and why
-    rows = trail_rows(closed, lambda r: r["action"] == "association", 2)
+    rows = trail_rows(closed, lambda r: r["action"] == "association"
+                      and r["outcome"] == "failure", 2)
     assert len(rows) == 2  # the echo and the store
     assert all((r["who"], r["address"], r["outcome"], r["reason"]) == (
         "STRANGER", "127.0.0.1", "failure", "calling-AE-title-not-recognized") for r in rows)
@@ -195,7 +196,8 @@ def test_tls_refuses_wrong_certificate_no_certificate_and_plain_dicom(tls: AnimS
     assert instances(tls) == 0
     assert "TLS handshake with 127.0.0.1 refused: CERTIFICATE_VERIFY_FAILED" in tls.log
     assert "TLS handshake with 127.0.0.1 refused: PEER_DID_NOT_RETURN_A_CERTIFICATE" in tls.log
-    refused = trail_rows(tls, lambda r: r["action"] == "association", 3)
+    refused = trail_rows(tls, lambda r: r["action"] == "association"
+                         and r["outcome"] == "failure", 3)
     reasons = " ".join(r["reason"] for r in refused)
     assert "CERTIFICATE_VERIFY_FAILED" in reasons
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reasons

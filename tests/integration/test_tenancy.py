@@ -118,6 +118,9 @@ def test_c_find_shows_each_institution_its_own_and_what_is_shared(
     # the patient level too: B sees its own patient and the shared study's, not SYN0001
     assert find_patients(srv.dimse_port, "MOD_B", tmp_path) == {"SYN0002", "SYN0003"}
     assert find_patients(srv.dimse_port, "MOD_A", tmp_path) == {"SYN0001", "SYN0003"}
+    logins = trail_rows(srv, lambda r: r["action"] == "association", 4)
+    assert {(r["who"], r["institution"], r["outcome"]) for r in logins} >= {
+        ("MOD_A", "HOSP-A", "success"), ("MOD_B", "HOSP-B", "success")}
     rows = trail_rows(srv, lambda r: r["action"] == "query", 4)
     assert {(r["who"], r["institution"], r["outcome"]) for r in rows} == {
         ("MOD_A", "HOSP-A", "success"), ("MOD_B", "HOSP-B", "success")}
