@@ -408,7 +408,7 @@ def test_security_headers_once_and_no_hsts_over_http(server: AnimServer) -> None
 
 
 def test_https_with_a_trusted_ca(make_server: type[AnimServer], tmp_path: Path) -> None:
-    trustme = pytest.importorskip("trustme")
+    import trustme
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"

@@ -578,7 +578,7 @@ def test_syslog_over_tcp_octet_counting_and_reconnect(collectors: list[Collector
 
 def test_syslog_over_tls(collectors: list[Collector], senders: list[SyslogSender],
                          tmp_path: Path) -> None:
-    trustme = pytest.importorskip("trustme")
+    import trustme
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)

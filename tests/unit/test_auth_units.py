@@ -237,7 +237,7 @@ def test_jwks_url_issuer(idp: Idp) -> None:
 
 
 def test_server_ssl_context(tmp_path: Path) -> None:
-    trustme = pytest.importorskip("trustme")
+    import trustme
     assert server_ssl_context(WebConfig()) is None
     with pytest.raises(ConfigError, match="together"):
         server_ssl_context(WebConfig(tls_cert="cert.pem"))
