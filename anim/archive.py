@@ -37,7 +37,7 @@ from anim.models import Source, StoredInstance, StoreResult, VersionInfo, Versio
 from anim.query import Level, Query
 from anim.security import LOCAL as _LOCAL
 from anim.security import Principal, Viewer
-from anim.storage import BlobStore, FileBlobStore
+from anim.storage import BlobStore, open_blob_store
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Archive:
     def open(cls, cfg: Config) -> Archive:
         """Open (creating if needed) the archive that *cfg* describes; migrate its index."""
         Path(cfg.storage.data_dir).mkdir(parents=True, exist_ok=True)
-        blobs = FileBlobStore(cfg.storage.blobs)
+        blobs = open_blob_store(cfg.storage)
         engine = make_engine(cfg.index_url, cfg.index.pool_size)
         migrate(engine)
         return cls(cfg, blobs, Index(engine, cfg.index.batch_max))

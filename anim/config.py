@@ -36,10 +36,26 @@ class KnownAE:
         return self.institution or self.title
 
 
+STORAGE_BACKENDS = ("file", "s3")
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     data_dir: Path = Path("anim-data")
     blob_dir: Path | None = None  # default: <data_dir>/blobs
+    # where blobs live: "file" (blob_dir) or "s3" (an S3-compatible object store)
+    backend: str = "file"
+    s3_endpoint: str = ""  # e.g. http://127.0.0.1:8333; empty: AWS's own endpoints
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_prefix: str = ""  # keys are <prefix><sha256>; lets one bucket hold several archives
+    # credentials: here, or from the usual AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_addressing: str = "path"  # "path" (most on-premises stores) or "virtual"
+    s3_part_size_mb: int = 16  # blobs larger than this go up as multipart uploads
+    s3_max_connections: int = 32
+    s3_create_bucket: bool = False  # create the bucket at start if it is missing
 
     @property
     def blobs(self) -> Path:
@@ -449,6 +465,18 @@ def _validate_security(cfg: Config) -> None:
         raise ConfigError("[audit].syslog_url: expected udp://, tcp:// or tls://host:port")
 
 
+def _validate_storage(s: StorageConfig) -> None:
+    if s.backend not in STORAGE_BACKENDS:
+        raise ConfigError(f"[storage].backend: expected one of {list(STORAGE_BACKENDS)}, "
+                          f"got {s.backend!r}")
+    if s.backend == "s3" and not s.s3_bucket:
+        raise ConfigError('[storage].backend = "s3" needs [storage].s3_bucket')
+    if s.s3_addressing not in ("path", "virtual"):
+        raise ConfigError('[storage].s3_addressing: expected "path" or "virtual"')
+    if not 5 <= s.s3_part_size_mb <= 5120:
+        raise ConfigError("[storage].s3_part_size_mb: 5 to 5120 (S3's multipart part limits)")
+
+
 def _validate(cfg: Config) -> Config:
     _check_aet(cfg.dimse.aet, "[dimse].aet")
     _check_port(cfg.dimse.port, "[dimse].port")
@@ -459,6 +487,7 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("[dimse].max_pdu must be 0 (unlimited) or positive")
     if cfg.dimse.max_associations < 1:
         raise ConfigError("[dimse].max_associations must be at least 1")
+    _validate_storage(cfg.storage)
     if cfg.index.batch_max < 1:
         raise ConfigError("[index].batch_max must be at least 1")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
