@@ -21,16 +21,18 @@ from anim.audit import AuditAction, AuditEvent, from_principal
 from anim.config import Config
 from anim.errors import (
     AnimError,
+    BlobGone,
     InvalidQuery,
     NotAcceptable,
     NotFound,
     SOPClassMismatch,
+    StorageUnavailable,
     StudyMismatch,
 )
 from anim.index import search
 from anim.index.audit_log import AuditLog, AuditRecorder
 from anim.index.engine import make_engine
-from anim.index.migrations import migrate
+from anim.index.migrations import migrate, pending
 from anim.index.outbox import Outbox
 from anim.index.repo import Index, IngestItem
 from anim.models import Source, StoredInstance, StoreResult, VersionInfo, VersionState
@@ -67,7 +69,13 @@ class Archive:
         Path(cfg.storage.data_dir).mkdir(parents=True, exist_ok=True)
         blobs = open_blob_store(cfg.storage)
         engine = make_engine(cfg.index_url, cfg.index.pool_size)
-        migrate(engine)
+        if cfg.index.auto_migrate:
+            migrate(engine)
+        elif todo := pending(engine):
+            engine.dispose()
+            raise StorageUnavailable(
+                f"the index lacks {len(todo)} schema step(s) (up to {todo[-1][0]}) and "
+                "[index].auto_migrate is off: run `anim migrate` first")
         return cls(cfg, blobs, Index(engine, cfg.index.batch_max))
 
     def close(self) -> None:
@@ -198,6 +206,7 @@ class Archive:
         dicom_json = dicomjson.instance_json(p)
         keys = dicomfile.index_keys(p.dataset)
         written = [f.result() for f in puts]
+        put_at = time.time()
         digest = hashlib.sha256("".join(k for k, _ in written).encode()).hexdigest()
         blob_keys: list[str | None] = [k for k, _ in written]
         blob_keys += [None] * (3 - len(blob_keys))
@@ -206,9 +215,18 @@ class Archive:
             keys=keys, digest=digest,
             header_key=blob_keys[0] or "", pixel_key=blob_keys[1], trailer_key=blob_keys[2],
             prefix=p.prefix, transfer_syntax=p.transfer_syntax, size=len(data),
-            dicom_json=dicom_json, source=source, new_bytes=new_bytes,
+            dicom_json=dicom_json, source=source, new_bytes=new_bytes, put_at=put_at,
         )
-        result = dataclasses.replace(self.index.record(item),
+        try:
+            recorded = self.index.record(item)
+        except BlobGone:
+            # garbage collection removed one of these blobs meanwhile (anim.maintenance):
+            # put them again; the index takes them back in the same transaction
+            log.info("store %s: blobs put again after garbage collection", keys["sop_uid"])
+            for piece in pieces:
+                self._put(piece)
+            recorded = self.index.record(dataclasses.replace(item, fresh=True))
+        result = dataclasses.replace(recorded,
                                      series_instance_uid=keys["series_uid"],
                                      sop_class_uid=keys["sop_class_uid"],
                                      patient=(keys["patient_id"], keys["issuer"]))

@@ -1,5 +1,5 @@
-"""The ``anim`` command: serve, import, sample, quarantine, delete, changes. The composition
-root.
+"""The ``anim`` command: serve, import, sample, quarantine, delete, changes, audit, migrate,
+verify, gc. The composition root.
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration error.
 """
@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from anim import __version__, audit_cli
+from anim import __version__, audit_cli, maintenance_cli
 from anim.archive import Archive
 from anim.config import Config, load_config, parse_known_ae
 from anim.errors import AnimError, ConfigError
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_restrict)
 
     audit_cli.add_parser(sub, _common)
+    maintenance_cli.add_parser(sub, _common)
     return parser
 
 

@@ -67,6 +67,9 @@ class IndexConfig:
     url: str = ""  # default: sqlite:///<data_dir>/index.sqlite
     batch_max: int = 64  # group commit: at most this many stores per transaction
     pool_size: int = 8
+    # upgrade the schema at start; off: refuse to start on an old schema and let the
+    # operator run `anim migrate` (several nodes, change windows; docs/deploy.md)
+    auto_migrate: bool = True
 
 
 @dataclass(frozen=True, slots=True)

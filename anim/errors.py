@@ -50,3 +50,8 @@ class NotFound(AnimError):
 
 class StorageUnavailable(AnimError):
     """Blobs or index cannot be written now; the sender may retry later."""
+
+
+class BlobGone(AnimError):
+    """A blob this store relies on was removed by garbage collection meanwhile (or was
+    put too long ago to rely on): put it again, then record again (anim.maintenance)."""

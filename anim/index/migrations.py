@@ -91,6 +91,13 @@ def _v8_restriction(conn: Connection) -> None:
     schema.restriction.create(conn, checkfirst=True)
 
 
+def _v9_blob_gc(conn: Connection) -> None:
+    """Safe garbage collection: the condemned blobs, and trailer keys found by index."""
+    schema.blob_condemned.create(conn, checkfirst=True)
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_version_trailer_key ON version (trailer_key)")
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "prefix-match indexes for PostgreSQL", _v2_pattern_indexes),
@@ -100,9 +107,11 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (6, "hash-chained audit trail", _v6_audit),
     (7, "revocation of a compromised institution", _v7_revocation),
     (8, "patients' restrictions", _v8_restriction),
+    (9, "garbage collection of unreferenced blobs", _v9_blob_gc),
 ]
 
 LATEST = STEPS[-1][0]
+_LOCK_ID = 0x616E696D  # "anim": the advisory lock that serialises migrations
 
 
 def current_version(conn: Connection) -> int:
@@ -113,14 +122,30 @@ def current_version(conn: Connection) -> int:
     return int(v or 0)
 
 
+def _serialise(conn: Connection) -> None:
+    # nodes starting together on one PostgreSQL: one applies a step, the others wait for
+    # it and then find it applied (SQLite: the writer's BEGIN IMMEDIATE does the same)
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_ID})")
+
+
+def pending(engine: Engine) -> list[tuple[int, str]]:
+    """The steps this database still lacks (``anim migrate --check``)."""
+    with engine.connect() as conn:
+        v = current_version(conn)
+    return [(n, title) for n, title, _step in STEPS if n > v]
+
+
 def migrate(engine: Engine) -> int:
     """Bring the database to the latest schema; return the number of steps applied."""
     applied = 0
     with engine.connect().execution_options(anim_writer=True) as conn:
         with conn.begin():
+            _serialise(conn)
             schema.schema_version.create(conn, checkfirst=True)
         for number, title, step in STEPS:
             with conn.begin():
+                _serialise(conn)
                 if current_version(conn) >= number:
                     continue
                 log.info("index: applying migration %d (%s)", number, title)

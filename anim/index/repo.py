@@ -25,8 +25,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from anim.errors import AnimError, NotFound, StorageUnavailable
+from anim.errors import AnimError, BlobGone, NotFound, StorageUnavailable
 from anim.index.schema import (
+    blob_condemned,
     change,
     counter,
     instance,
@@ -71,7 +72,14 @@ class IngestItem:
     dicom_json: str
     source: Source
     new_bytes: int
+    put_at: float = 0.0  # time.time() when the blobs were put (or refreshed)
+    fresh: bool = False  # the blobs were put again after a BlobGone
 
+
+# A store must be recorded within this many seconds of putting its blobs, or put them
+# again: garbage collection with a grace period longer than this can never remove a blob
+# a store is about to reference (anim.maintenance, docs/deploy.md).
+PUT_TO_RECORD_MAX = 300.0
 
 Cache = dict[tuple[str, ...], tuple[Any, ...]]
 MANIFEST_PROTOCOL = "manifest"  # Source.protocol of the manifests the archive stores
@@ -96,6 +104,10 @@ class GroupCommitter:
         fut: Future[Any] = Future()
         self._queue.put((work, fut))
         return fut.result()
+
+    def depth(self) -> int:
+        """Writes waiting for the writer thread (a metric)."""
+        return self._queue.qsize()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -232,6 +244,9 @@ class Index:
     def close(self) -> None:
         self._writer.close()
         self.engine.dispose()
+
+    def writer_queue_depth(self) -> int:
+        return self._writer.depth()
 
     # ---- writes ---------------------------------------------------------------
 
@@ -729,7 +744,26 @@ def _unsettle(conn: Connection, study_id: int, at: str) -> None:
                  .values(settled=0, changed_at=at, updated_at=at))
 
 
+def _claim_blobs(conn: Connection, item: IngestItem) -> None:
+    """Take this store's blobs back from garbage collection, in its own transaction.
+
+    Removing their condemned rows waits for a gc that holds one (it is removing that
+    blob right now); a row gc marked "deleted" means the blob is gone: BlobGone makes
+    the archive put it again and record once more (with ``fresh``).
+    """
+    keys = [k for k in (item.header_key, item.pixel_key, item.trailer_key) if k]
+    gone = conn.execute(blob_condemned.delete().where(blob_condemned.c.key.in_(keys))
+                        .returning(blob_condemned.c.state)).scalars().all()
+    if item.fresh:
+        return
+    if "deleted" in gone:
+        raise BlobGone("a blob of this object was garbage-collected while it was stored")
+    if item.put_at and time.time() - item.put_at > PUT_TO_RECORD_MAX:
+        raise BlobGone("the blobs of this object were put too long ago to rely on")
+
+
 def _record(conn: Connection, item: IngestItem, cache: Cache) -> StoreResult:
+    _claim_blobs(conn, item)
     k = item.keys
     at = now()
     row = conn.execute(select(instance.c.id, instance.c.current_version_fk)

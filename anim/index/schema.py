@@ -11,6 +11,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -108,7 +109,7 @@ version = Table(
     Column("digest", String(64), nullable=False),  # SHA-256 of the data set (content)
     Column("header_key", String(64), nullable=False, index=True),
     Column("pixel_key", String(64), nullable=True, index=True),
-    Column("trailer_key", String(64), nullable=True),
+    Column("trailer_key", String(64), nullable=True, index=True),
     Column("prefix", LargeBinary, nullable=False),  # preamble + file meta as received
     Column("transfer_syntax", String(64), nullable=False),
     Column("size", BigInteger, nullable=False),
@@ -172,6 +173,19 @@ restriction = Table(
     Column("study_uid", String(64), primary_key=True),
     Column("created_at", String(32), nullable=False),
     Column("reason", String(256), nullable=False, default=""),
+)
+
+# Garbage collection's condemned blobs (anim.maintenance): unreferenced blobs gc is about
+# to remove ("condemned"), and those it removed ("deleted"). A store removes the rows of
+# its blobs in its own transaction; finding "deleted" tells it to put them again. The row
+# lock gc holds while it removes a blob is what makes gc safe against concurrent ingest.
+blob_condemned = Table(
+    "blob_condemned",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),  # condemned | deleted
+    Column("modified", Float, nullable=False),  # the blob's modified time gc saw
+    Column("at", String(32), nullable=False),
 )
 
 # Named counters. "change" hands out the change sequence: taken with a row lock at the
