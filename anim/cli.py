@@ -114,6 +114,11 @@ async def _serve(cfg: Config, ssl_ctx: ssl.SSLContext | None = None) -> None:
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
             log.info("anim: stopping")
+            if cfg.web.drain_seconds > 0:
+                from web import health
+
+                await health.start_draining(app)  # /health/ready: 503 from now on
+                await asyncio.sleep(cfg.web.drain_seconds)
         finally:
             await runner.cleanup()
 

@@ -116,6 +116,9 @@ class WebConfig:
     tls_key: str = ""
     rate_limit: float = 0.0  # requests per second per client (token or address); 0 = off
     rate_burst: int = 0  # requests a client may make at once; 0 = twice rate_limit
+    # on SIGTERM, answer /health/ready with 503 this long before closing the listeners,
+    # so a load balancer stops sending first (its check interval × fall; docs/deploy.md)
+    drain_seconds: float = 0.0
 
     @property
     def origins(self) -> frozenset[str]:

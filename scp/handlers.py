@@ -9,7 +9,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
-from anim import AnimError, Archive, DimseConfig, Source, StoreOutcome
+from anim import AnimError, Archive, DimseConfig, Source, StoreOutcome, metrics
 from anim.audit import AuditAction, from_principal
 from anim.security import Principal, Viewer, viewer_for
 from scp import status
@@ -73,8 +73,14 @@ def handle_conn_open(event: Event) -> None:
 
 def handle_accepted(event: Event, archive: Archive) -> None:
     """``EVT_ACCEPTED``: an association is a login (PS3.15 A.5.3.11): in the audit trail."""
+    metrics.of(archive).association("accepted")
     archive.audit(from_principal(principal_of(event, archive.cfg.dimse),
                                  AuditAction.ASSOCIATION, "success", detail="accepted"))
+
+
+def handle_rejected(event: Event, archive: Archive) -> None:
+    """``EVT_REJECTED``: counted (the audit record is security.handle_requested's)."""
+    metrics.of(archive).association("rejected")
 
 
 def handle_echo(event: Event) -> int:
@@ -85,14 +91,15 @@ def handle_store(event: Event, archive: Archive, cfg: DimseConfig) -> Any:
     ae_title, host = peer(event)
     if not may(archive, ae_title, "store"):
         log.warning("C-STORE refused: %s (%s) may not store", ae_title, host)
+        metrics.of(archive).store_refused("dimse")
         archive.audit(from_principal(principal_of(event, cfg), AuditAction.STORE, "failure",
                                      reason="not permitted", detail="dimse"))
         return status_reply(status.REFUSED_NOT_AUTHORIZED, f"AE {ae_title} may not store")
     req = event.request
     try:
         data = event.encoded_dataset()
-        result = archive.store(data, source_of(cfg, ae_title, host),
-                               expect_sop_class=str(req.AffectedSOPClassUID))
+        result = metrics.observed_store(archive, "dimse", data, source_of(cfg, ae_title, host),
+                                        expect_sop_class=str(req.AffectedSOPClassUID))
     except AnimError as e:
         code = status.store_error_status(e)
         log.warning("C-STORE from %s (%s) failed 0x%04X: %s", ae_title, host, code, e)

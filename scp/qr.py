@@ -18,7 +18,16 @@ from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from anim import AnimError, Archive, DimseConfig, InvalidQuery, KnownAE, Query, StoredInstance
+from anim import (
+    AnimError,
+    Archive,
+    DimseConfig,
+    InvalidQuery,
+    KnownAE,
+    Query,
+    StoredInstance,
+    metrics,
+)
 from anim.audit import AuditAction, from_principal
 from anim.transcode import UNCOMPRESSED
 from scp import identifiers, status
@@ -33,6 +42,7 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900
 MOVE_DESTINATION_UNKNOWN = 0xA801
 UNABLE_TO_PROCESS = 0xC000
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255
+_PROTOCOL = {"EVT_C_MOVE": "cmove", "EVT_C_GET": "cget"}  # anim_retrieved_* labels
 
 
 def _identifier(event: Event) -> Dataset:
@@ -76,6 +86,7 @@ def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
            f"C-FIND {query.level.value} {n} matches")
     log.info("C-FIND from %s/%s at %s level: %d matches, %.1f ms", ae_title, host,
              query.level.value, n, (time.perf_counter() - t0) * 1000)
+    metrics.of(archive).queried("cfind", query.level, time.perf_counter() - t0)
 
 
 def _charset_of(ident: Dataset) -> str:
@@ -133,6 +144,8 @@ def _send_items(event: Event, archive: Archive, instances: list[StoredInstance],
         except AnimError as e:
             log.warning("retrieve: %s cannot be sent: %s", inst.sop_instance_uid, e)
             ds = _failed(inst)
+        else:
+            metrics.of(archive).retrieved(_PROTOCOL[event.event.name], inst.size, 1)
         yield PENDING, ds
 
 

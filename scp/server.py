@@ -19,7 +19,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from anim import Archive, DimseConfig
+from anim import Archive, DimseConfig, metrics
 from anim.audit import AuditAction, AuditEvent
 from scp import handlers, qr, security
 
@@ -108,6 +108,7 @@ def start(archive: Archive, cfg: DimseConfig,
         (evt.EVT_REQUESTED, security.handle_requested, [gate, on_refused]),
         (evt.EVT_CONN_CLOSE, gate.release),
         (evt.EVT_ACCEPTED, handlers.handle_accepted, [archive]),
+        (evt.EVT_REJECTED, handlers.handle_rejected, [archive]),
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [archive, cfg]),
         (evt.EVT_C_FIND, qr.handle_find, [archive, cfg]),
@@ -117,6 +118,9 @@ def start(archive: Archive, cfg: DimseConfig,
     server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=evt_handlers,
                              contexts=_SupportedContexts(ae.supported_contexts),
                              ssl_context=ssl_context)
+    metrics.of(archive).sampled.add(
+        "anim_dimse_associations_open", "DIMSE associations established now",
+        lambda: sum(1 for a in server.active_associations if a.is_established))
     host, port = server.server_address[:2]
     tls = "" if ssl_context is None else (
         " (TLS, client certificate required)" if cfg.tls_client_auth else " (TLS)")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from anim import Archive, WebConfig
-from web import audit, auth, cors, ratelimit, routes, tenancy, webhooks
+from web import audit, auth, cors, health, metrics, ratelimit, routes, tenancy, webhooks
 from web.errors import errors_middleware, nul_middleware
 from web.keys import archive_key, config_key, executor_key, origin_key, stream_executor_key
 
@@ -34,8 +34,10 @@ def create_app(archive: Archive, cfg: WebConfig,
     # client_max_size bounds only bodies read whole; STOW streams its body
     # audit outermost: it sees every outcome, refused tokens included; auth next: it
     # guards every handler and the CORS capabilities answer after it; tenancy inside
-    # the error middleware, whose 404 it raises for a study the caller may not see
-    app = web.Application(middlewares=[nul_middleware, audit.audit_middleware,
+    # the error middleware, whose 404 it raises for a study the caller may not see;
+    # metrics outermost of all: it counts every answer, refusals included
+    app = web.Application(middlewares=[metrics.metrics_middleware, nul_middleware,
+                                       audit.audit_middleware,
                                        auth.auth_middleware,
                                        ratelimit.ratelimit_middleware,
                                        cors.cors_middleware, errors_middleware,
@@ -46,6 +48,9 @@ def create_app(archive: Archive, cfg: WebConfig,
     app[config_key] = cfg
     app[origin_key] = {}
     app.cleanup_ctx.append(_executor)
+    app.cleanup_ctx.append(metrics.executors)
+    app.cleanup_ctx.append(health.readiness)
+    app.on_shutdown.append(health.start_draining)
     app.cleanup_ctx.append(webhooks.background)
     for ctx in extra_ctx:
         app.cleanup_ctx.append(ctx)

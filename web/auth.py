@@ -1,8 +1,9 @@
 """Who is calling over HTTP: OAuth 2.0 bearer tokens (JWT) or, without [auth], the operator.
 
-With ``[auth] enabled`` every request but the public ones (``/health``, ``/version``,
-the web page and its static files, CORS preflights) carries ``Authorization: Bearer
-<JWT>`` (RFC 6750). The token is a JWT access token (RFC 9068) from one of the
+With ``[auth] enabled`` every request but the public ones (``/health``,
+``/health/live``, ``/health/ready``, ``/version``, the web page and its static files,
+CORS preflights) carries ``Authorization: Bearer <JWT>`` (RFC 6750); ``/metrics``
+needs the admin scope. The token is a JWT access token (RFC 9068) from one of the
 configured issuers: the unverified ``iss`` picks the issuer, ``kid`` picks its key from
 that issuer's JWKS (a file, reloaded when it changes, or a URL, cached), and PyJWT
 verifies the signature with the issuer's configured algorithms only (never the
@@ -41,7 +42,7 @@ PRINCIPAL = "principal"  # request[PRINCIPAL]: the Principal of every request
 LEEWAY = 30  # seconds of clock skew allowed on exp and nbf
 REALM = 'Bearer realm="anim"'
 _PUBLIC_HANDLERS: frozenset[Callable[..., Any]] = frozenset(
-    {health.health, health.version, ui.index})
+    {health.health, health.live, health.ready, health.version, ui.index})
 
 # ---- which requests need what ----------------------------------------------------------
 
@@ -50,7 +51,8 @@ def required_action(request: web.BaseRequest) -> Action:
     """The action a request needs. Anything not listed needs ADMIN (least privilege:
     a new kind of request must be added here on purpose)."""
     path, method = request.path, request.method
-    if method == "DELETE" or path == "/api/admin" or path.startswith("/api/admin/"):
+    if (method == "DELETE" or path in ("/api/admin", "/metrics")
+            or path.startswith("/api/admin/")):
         return Action.ADMIN
     if method in ("GET", "HEAD", "OPTIONS"):  # plain OPTIONS: capabilities (PS3.18 8.9)
         return Action.READ

@@ -15,6 +15,8 @@ from web.errors import error_response
 from web.keys import config_key
 
 MAX_CLIENTS = 10_000  # buckets remembered; the least recently seen go first
+# a load balancer's health checks are never slowed down
+_EXEMPT = frozenset({"/health", "/health/live", "/health/ready", "/version"})
 
 
 class Buckets:
@@ -44,7 +46,7 @@ buckets_key = web.AppKey("rate_buckets", Buckets)
 @web.middleware
 async def ratelimit_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     cfg = request.app[config_key]
-    if cfg.rate_limit <= 0 or request.path in ("/health", "/version"):
+    if cfg.rate_limit <= 0 or request.path in _EXEMPT:
         return await handler(request)
     if buckets_key not in request.app:
         request.app[buckets_key] = Buckets(cfg.rate_limit, cfg.rate_burst or

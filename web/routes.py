@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from web import admin, capabilities, fhir, hcm, health, qido, rendered, stow, ui, wado
+from web import admin, capabilities, fhir, hcm, health, metrics, qido, rendered, stow, ui, wado
 
 DW = "/dicom-web"
 STUDY = DW + "/studies/{study}"
@@ -16,6 +16,9 @@ FRAMES = INSTANCE + "/frames/{frames}"
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health.health)
+    r.add_get("/health/live", health.live)  # public, like /health (web.auth)
+    r.add_get("/health/ready", health.ready)
+    r.add_get("/metrics", metrics.scrape)  # admin scope when [auth] is on
     r.add_get("/version", health.version)
     r.add_get("/api/admin/summary", admin.summary)
     r.add_get("/api/admin/changes", admin.changes)

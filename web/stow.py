@@ -33,6 +33,7 @@ from anim import (
     StoreOutcome,
     StoreResult,
     StudyMismatch,
+    metrics,
 )
 from anim.security import LOCAL, Principal
 from web import urls
@@ -85,7 +86,8 @@ async def _read_part(part: BodyPartReader, budget: int) -> tuple[bytes, int]:
 
 def _store(archive: Archive, data: bytes, source: Source, study: str | None,
            principal: Principal) -> StoreResult:
-    return archive.store(data, source, expect_study=study, principal=principal)
+    return metrics.observed_store(archive, "stowrs", data, source, expect_study=study,
+                                  principal=principal)
 
 
 def _failure_reason(e: AnimError) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from anim import Archive, NotAcceptable, NotFound, StoredInstance, pixels, transcode
+from anim import Archive, NotAcceptable, NotFound, StoredInstance, metrics, pixels, transcode
 from web import urls
 from web.errors import fail
 from web.keys import archive_key, run_sync
@@ -150,6 +150,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     ranges = parse_accept(request.headers.get("Accept"))
     insts = await instances_in_scope(request)
     plan = plan_syntaxes(ranges, insts)
+    metrics.of(request.app[archive_key]).retrieved("wado", 0, len(plan))  # bytes: web.metrics
     bnd = boundary()
     resp = web.StreamResponse(headers={
         "Content-Type": f'{MULTIPART}; type="{DICOM}"; boundary={bnd}'})
