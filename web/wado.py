@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from anim import Archive, NotAcceptable, NotFound, StoredInstance, metrics, pixels, transcode
+from anim.storage import FileBlobStore
 from web import urls
 from web.errors import fail
 from web.keys import archive_key, run_sync
@@ -154,10 +155,16 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     bnd = boundary()
     resp = web.StreamResponse(headers={
         "Content-Type": f'{MULTIPART}; type="{DICOM}"; boundary={bnd}'})
-    if all(target is None for _, target in plan):
+    if _local_files(request) and all(target is None for _, target in plan):
         return await _send_stored(request, resp, plan, bnd)
     chunks = iterate_sync(request, _multipart_dicom, request.app[archive_key], plan, bnd)
     return await send_stream(request, resp, chunks)
+
+
+def _local_files(request: web.Request) -> bool:
+    """Blobs are local files: sendfile can send them. An object store's blobs are read
+    on a worker thread instead (the event loop never waits for the network)."""
+    return isinstance(request.app[archive_key].blobs, FileBlobStore)
 
 
 async def _send_stored(request: web.Request, resp: web.StreamResponse,
@@ -364,6 +371,26 @@ def _native_pixel_blob(archive: Archive, inst: StoredInstance, tag: str) -> str 
     return None
 
 
+def _blob_part(archive: Archive, key: str, head: bytes, tail: bytes) -> Iterator[bytearray]:
+    ch = Chunks()
+    yield from ch.add(head)
+    with archive.blobs.open(key) as f:
+        yield from ch.read_from(f)
+    yield from ch.add(tail)
+    yield from ch.rest()
+
+
+async def _stream_blob_part(request: web.Request, key: str, ctype: str
+                            ) -> web.StreamResponse:
+    """One blob of an object store as the single part, streamed from a worker thread."""
+    bnd = boundary()
+    resp = web.StreamResponse(headers={
+        "Content-Type": f'{MULTIPART}; type="{OCTET}"; boundary={bnd}'})
+    chunks = iterate_sync(request, _blob_part, request.app[archive_key], key,
+                          part_head(bnd, ctype), b"\r\n" + closing(bnd))
+    return await send_stream(request, resp, chunks)
+
+
 async def _send_blob_part(request: web.Request, key: str, ctype: str) -> web.StreamResponse:
     """One blob as the single part of a multipart answer, by sendfile."""
     archive = request.app[archive_key]
@@ -415,7 +442,10 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     if key is not None and tag in await run_sync(
             request, request.app[archive_key].instance_json, inst.sop_instance_uid):
         # native pixel data: the stored value as is, by sendfile (memory flat)
-        return await _send_blob_part(request, key, f"{OCTET}; transfer-syntax={EXPLICIT_LE}")
+        ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
+        if _local_files(request):
+            return await _send_blob_part(request, key, ctype)
+        return await _stream_blob_part(request, key, ctype)
     parts, ts = await run_sync(request, _bulk, request.app[archive_key], inst, tag)
     ctype = f"{OCTET}; transfer-syntax={ts}"
     return await _send_parts(request, OCTET, ctype, parts)

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, func, inspect, select
 
 from anim.errors import StorageUnavailable
 from anim.index import schema
+from anim.index.pg_tuning import v10_postgres_query_indexes
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "revocation of a compromised institution", _v7_revocation),
     (8, "patients' restrictions", _v8_restriction),
     (9, "garbage collection of unreferenced blobs", _v9_blob_gc),
+    (10, "PostgreSQL trigram and date-page indexes", v10_postgres_query_indexes),
 ]
 
 LATEST = STEPS[-1][0]
