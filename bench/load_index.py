@@ -31,14 +31,18 @@ What is generated (deterministic for a given ``--seed`` and sizes):
   the patient, study, series and instance; ``--json empty`` stores ``{}``);
 - ``instance.current_version_fk`` set; the denormalised counts (``patient.num_studies``,
   ``study.num_series``/``num_instances``/``modalities``, ``series.num_instances``) consistent.
-  No ``change`` rows.
+  One ``study_source`` row per study (its institution: the tenancy filter's table). No
+  ``change`` rows.
 
 The database must be empty (only the schema). SQLite is loaded with SQLAlchemy Core
 ``executemany`` in batches, with ``synchronous=OFF`` and a large page cache on the loading
 connection only (the archive's own connections keep their settings). PostgreSQL is loaded with
 ``COPY … FROM STDIN`` through psycopg (``--method core`` uses executemany there too), then the id
 sequences are moved past the loaded ids and ``VACUUM ANALYZE`` runs, as autovacuum would after
-a bulk load. SQLite gets no ``ANALYZE``, because anim never runs it either.
+a bulk load. During a COPY load the secondary indexes, unique and foreign-key constraints of the
+loaded tables are dropped and built again at the end (``--no-defer`` keeps them): one sort per
+index instead of millions of random inserts into B-trees larger than the cache. SQLite gets no
+``ANALYZE``, because anim never runs it either.
 
 At the end it prints the load rate and writes a JSON marker (``--marker``, by default
 ``load_index.json`` next to a SQLite file) that holds the parameters, the counts and the
@@ -332,7 +336,15 @@ def study_rows(g: Generator) -> Iterator[dict[str, Any]]:
                "referring_physician": st.referring, "modalities": "\\".join(mods),
                "num_series": len(st.series),
                "num_instances": sum(se.instances for se in st.series),
-               "updated_at": RECEIVED_AT}
+               "updated_at": RECEIVED_AT,
+               # long settled (docs/hcm.md): a loaded study is not announced again
+               "settled": 1, "changed_at": RECEIVED_AT, "stable_events": 1}
+
+
+def study_source_rows(g: Generator) -> Iterator[dict[str, Any]]:
+    """Who sent each study (the tenancy filter's table, as migration 5 fills it)."""
+    for i, st in enumerate(g.studies):
+        yield {"study_fk": i + 1, "institution": st.institution}
 
 
 def series_rows(g: Generator) -> Iterator[dict[str, Any]]:
@@ -377,7 +389,8 @@ def _version(iid: int, modality: str, institution: str, uid: str, sop_class: str
             "pixel_key": None if modality == "SR" else _sha("p" + key), "trailer_key": None,
             "prefix": b"", "transfer_syntax": EXPLICIT_LE, "size": SIZE[modality],
             "dicom_json": doc, "institution": institution, "source_ae": "MODALITY",
-            "source_host": "10.0.0.1", "protocol": "DIMSE", "received_at": RECEIVED_AT}
+            "source_host": "10.0.0.1", "protocol": "DIMSE", "received_at": RECEIVED_AT,
+            "new_bytes": SIZE[modality]}
 
 
 # ------------------------------------------------------------------------------- writing
@@ -461,11 +474,57 @@ class CopyWriter(CoreWriter):
 
 def _check_empty(engine: Engine) -> None:
     with engine.connect() as conn:
-        for t in (schema.patient, schema.study, schema.series, schema.instance, schema.version):
+        for t in (schema.patient, schema.study, schema.study_source, schema.series,
+                  schema.instance, schema.version):
             n = conn.execute(select(func.count()).select_from(t)).scalar()
             if n:
                 raise SystemExit(f"load_index: table {t.name} already has {n} rows: the "
                                  "database must be empty (a fresh SQLite file or database)")
+
+
+_LOADED = ("patient", "study", "study_source", "series", "instance", "version")
+
+
+def _defer_constraints(engine: Engine) -> list[tuple[str, str]]:
+    """Drop the secondary indexes, unique and foreign-key constraints of the loaded tables
+    and return the statements that make them again (in that order).
+
+    Built once after the load, an index is one sort (maintenance_work_mem) instead of
+    10 M random B-tree inserts into indexes far larger than the cache (random UIDs and
+    digests), and a foreign key is checked by one join instead of one trigger per row.
+    The primary keys stay: ids are loaded in order, so their B-trees only append.
+    """
+    names = ", ".join(f"'{t}'" for t in _LOADED)
+    with engine.connect() as conn:
+        cons = conn.execute(text(
+            "SELECT c.conname, c.conrelid::regclass::text, c.contype, "
+            "pg_get_constraintdef(c.oid) FROM pg_constraint c "
+            f"WHERE c.contype IN ('u', 'f') AND c.conrelid::regclass::text IN ({names}) "
+            "ORDER BY c.contype DESC, c.conname")).all()  # unique first, then foreign
+        idx = conn.execute(text(
+            "SELECT i.indexname, i.indexdef FROM pg_indexes i "
+            f"WHERE i.schemaname = current_schema() AND i.tablename IN ({names}) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)"
+            " ORDER BY i.indexname")).all()
+    restore = [(n, d) for n, d in idx]
+    restore += [(n, f"ALTER TABLE {t} ADD CONSTRAINT {n} {d}") for n, t, _k, d in cons]
+    with engine.begin() as conn:
+        for n, t, _kind, _d in sorted(cons, key=lambda c: c[2]):  # foreign keys first
+            conn.exec_driver_sql(f"ALTER TABLE {t} DROP CONSTRAINT {n}")
+        for n, _d in idx:
+            conn.exec_driver_sql(f"DROP INDEX {n}")
+    return restore
+
+
+def _restore_constraints(engine: Engine, restore: list[tuple[str, str]]) -> float:
+    t0 = time.perf_counter()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("SET maintenance_work_mem = '1GB'")
+        for name, ddl in restore:
+            t = time.perf_counter()
+            conn.exec_driver_sql(ddl)
+            log(f"  {name}: {time.perf_counter() - t:.1f} s")
+    return time.perf_counter() - t0
 
 
 def _postgres_finish(engine: Engine) -> dict[str, float]:
@@ -505,10 +564,12 @@ def load(a: argparse.Namespace) -> dict[str, Any]:
         f"into {engine.dialect.name}")
     method = a.method if a.method != "auto" else (
         "copy" if engine.dialect.name == "postgresql" else "core")
-    w: CoreWriter = CopyWriter(engine) if method == "copy" else CoreWriter(engine)
     t1 = time.perf_counter()
+    deferred = _defer_constraints(engine) if method == "copy" and a.defer else []
+    w: CoreWriter = CopyWriter(engine) if method == "copy" else CoreWriter(engine)
     try:
         for table, rows in ((schema.patient, patient_rows(g)), (schema.study, study_rows(g)),
+                            (schema.study_source, study_source_rows(g)),
                             (schema.series, series_rows(g))):
             for b in _batches(rows, a.batch):
                 w.write(table, b)
@@ -523,7 +584,12 @@ def load(a: argparse.Namespace) -> dict[str, Any]:
     t3 = time.perf_counter()
     if not a.quiet:
         print(file=sys.stderr)
-    finish = _postgres_finish(engine) if engine.dialect.name == "postgresql" else {}
+    finish: dict[str, float] = {}
+    if deferred:
+        log(f"building {len(deferred)} deferred indexes and constraints")
+        finish["indexes_s"] = _restore_constraints(engine, deferred)
+    if engine.dialect.name == "postgresql":
+        finish |= _postgres_finish(engine)
     t4 = time.perf_counter()
     with engine.connect() as conn:
         counts = {t.name: int(conn.execute(select(func.count()).select_from(t)).scalar() or 0)
@@ -564,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="version.dicom_json: a ~1 KB header (default) or '{}'")
     ap.add_argument("--method", choices=["auto", "core", "copy"], default="auto",
                     help="auto: COPY on PostgreSQL, Core executemany on SQLite")
+    ap.add_argument("--no-defer", dest="defer", action="store_false",
+                    help="with COPY: keep the secondary indexes and constraints during the "
+                         "load (by default they are dropped and built again at the end)")
     ap.add_argument("--marker", type=Path, help="write the load report (JSON) here (default: "
                                                 "load_index.json next to a SQLite file)")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress line")

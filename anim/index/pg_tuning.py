@@ -1,4 +1,5 @@
-"""PostgreSQL indexes for the query engine's hot searches (docs/benchmarks.md, "Scale").
+"""PostgreSQL indexes for the query engine's hot searches (docs/benchmarks.md, "Query
+latency at national scale").
 
 The query engine (``anim.index.search``) emits plain SQL that both engines run. SQLite's
 own B-trees serve it; PostgreSQL needs a few more access paths for the searches a viewer

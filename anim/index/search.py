@@ -25,6 +25,7 @@ from sqlalchemy import (
     and_,
     func,
     literal,
+    literal_column,
     or_,
     select,
 )
@@ -218,10 +219,12 @@ def _from(level: Level) -> Any:
     return j
 
 
-def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
+def build(q: Query, with_json: bool = False, postgresql: bool = False
+          ) -> tuple[Select[Any], list[str]]:
     """The SELECT for *q* and the keywords its columns hold, in order.
 
     *with_json* (IMAGE level): also the instance's stored DICOM JSON, as ``_json``.
+    *postgresql*: the SQL is for PostgreSQL (a page of studies is chosen first, below).
     """
     keys = [k for k in q.keys if k in INDEXED and INDEXED[k].depth <= q.level.depth
             and k != "SOPClassesInStudy"]
@@ -230,33 +233,70 @@ def build(q: Query, with_json: bool = False) -> tuple[Select[Any], list[str]]:
     if with_json:
         stmt = stmt.add_columns(version.c.dicom_json.label("_json")).join(
             version, version.c.id == instance.c.current_version_fk)
+    conds = _conditions(q)
+    if postgresql and q.level is Level.STUDY and (q.limit is not None or q.offset):
+        # A page of a study search: its ids first, from the study table alone, then the
+        # columns of those rows only. Without this PostgreSQL joins every skipped row of
+        # an OFFSET to its patient (offset 100,000: 560 ms instead of 9 ms at 1 M
+        # studies; docs/benchmarks.md, "Query latency at national scale").
+        sort_all = any(k in q.matching for k in _FIND_ALL_FIRST)
+        page = _paged(select(study.c.id).where(*conds), q, sort_all)
+        return stmt.where(study.c.id.in_(page)).order_by(study.c.id), keys
+    return _paged(stmt.where(*conds), q), keys
+
+
+# Keys whose matches a page of studies must find first, then sort, rather than walk the
+# primary key until LIMIT of them turn up (PostgreSQL; docs/benchmarks.md, "Query
+# latency at national scale"):
+# - StudyDate: studies are indexed in about the order they were made, so a date range
+#   holds the last ids, not ids spread evenly over the table as the planner assumes;
+#   walking the key for the first 101 studies of 2024 read ~90 % of 1 M studies (180-350 ms);
+# - PatientName, PatientID: a person typed them, they match few studies, and the planner
+#   misjudges a LIKE pattern's share of patients; walking the key probing each study's
+#   patient took 290 ms for SMI* (0.3 % of 1 M studies) against ~10 ms by the name index.
+# Finding them all costs in proportion to the matches (index-only for a date range).
+_FIND_ALL_FIRST = ("StudyDate", "PatientName", "PatientID")
+
+
+def _paged(stmt: Select[Any], q: Query, sort_all: bool = False) -> Select[Any]:
+    order: Any = _ID[q.level]
+    if sort_all:
+        # "+ 0" hides the primary key's order from the planner: it must find every
+        # match by its own index (ix_study_date_id, the name indexes) and sort them
+        order = order + literal_column("0")
+    stmt = stmt.order_by(order)
+    if q.limit is not None:
+        stmt = stmt.limit(q.limit)
+    if q.offset:
+        stmt = stmt.offset(q.offset)
+    return stmt
+
+
+def _conditions(q: Query) -> list[ColumnElement[bool]]:
+    """The WHERE conditions of *q*. At the STUDY level they name only ``study`` (patient
+    keys become a subquery), so a page of study ids can be chosen from that table alone."""
     matching = q.matching
-    on_patient = []
+    conds, on_patient = [], []
     for kw, value in matching.items():
         cond = condition(kw, value, alone=len(matching) == 1)
         if q.level is not Level.PATIENT and INDEXED[kw] is Level.PATIENT:
             on_patient.append(cond)
         else:
-            stmt = stmt.where(cond)
+            conds.append(cond)
     if q.contained:
-        stmt = stmt.where(_uncontained(q.level, q.contained))
+        conds.append(_uncontained(q.level, q.contained))
     if q.viewer is not None:
         if q.level is Level.PATIENT:
-            stmt = stmt.where(patient.c.id.in_(
+            conds.append(patient.c.id.in_(
                 select(study.c.patient_fk).where(visible_study(q.viewer))))
         else:
-            stmt = stmt.where(visible_study(q.viewer))
+            conds.append(visible_study(q.viewer))
     if on_patient:
         # as a set of patients first: the planner then finds the few patients (an infix
         # name wildcard scans the small patient index) and their studies by index,
         # instead of walking every study in id order and joining each to its patient
-        stmt = stmt.where(study.c.patient_fk.in_(select(patient.c.id).where(*on_patient)))
-    stmt = stmt.order_by(_ID[q.level])
-    if q.limit is not None:
-        stmt = stmt.limit(q.limit)
-    if q.offset:
-        stmt = stmt.offset(q.offset)
-    return stmt, keys
+        conds.append(study.c.patient_fk.in_(select(patient.c.id).where(*on_patient)))
+    return conds
 
 
 def contained(revs: tuple[tuple[str, str], ...]) -> ColumnElement[bool]:
@@ -370,7 +410,7 @@ def run(conn: Connection, q: Query) -> Iterator[dict[str, Any]]:
     extra = [k for k in q.keys if k not in keys and k != "SOPClassesInStudy"]
     # an instance's own metadata comes in the same query; above it, one per entity
     inline = q.level is Level.IMAGE and bool(extra or q.include_all)
-    stmt, keys = build(q, with_json=inline)
+    stmt, keys = build(q, with_json=inline, postgresql=conn.dialect.name == "postgresql")
     want_sop_classes = "SOPClassesInStudy" in q.keys and q.level is Level.STUDY
     result = conn.execution_options(stream_results=True, yield_per=200).execute(stmt)
     # row layout: _id, the keys in order, [_json]; converters picked once, not per row
