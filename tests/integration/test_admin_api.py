@@ -1,7 +1,7 @@
 """The admin view's JSON (/api/admin/*): counts and dedup savings, recent changes, peers.
 
-A real server, real DCMTK storescu; the byte figures are checked against the blob
-files on disk, so a made-up number cannot pass.
+A real server, real DCMTK storescu; the byte figures are checked against what the
+blob store holds (files on disk, or S3 objects), so a made-up number cannot pass.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Deduplication, corrections and quarantine over DIMSE, measured on disk.
+"""Deduplication, corrections and quarantine over DIMSE, measured in the blob store.
 
 Acceptance (ingest issue): sending the same study twice leaves one index row per
 instance and adds no pixel bytes to disk; re-sending a study with a corrected
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
 from tests.conftest import (
-    ROOT,
     SAMPLES,
     AnimServer,
+    anim_cli,
     blob_bytes,
+    blob_count,
     open_archive,
     storescu,
 )
@@ -34,11 +33,6 @@ ORIGINAL_NAME = "DOE^JANE"
 CORRECTED_NAME = "DOE^JANE^MARIE"
 OTHER_NAME = "DOE^JANET"
 WARNING_COERCION = 0xB000  # PS3.4 B.2.3; scp/status.py: quarantined
-
-
-def blob_files(data_dir: Path) -> int:
-    return sum(1 for p in (data_dir / "blobs").rglob("*") if p.is_file()
-               and not p.name.startswith("."))
 
 
 def renamed_copy(src: Path, dst: Path, name: str) -> list[Path]:
@@ -82,11 +76,6 @@ def send(port: int, folder: Path, calling: str) -> str:
     return r.stdout + r.stderr
 
 
-def anim_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "anim", *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-
-
 @pytest.fixture
 def study(tmp_path: Path) -> dict[str, Path]:
     """The original study and two corrected copies, each in its own folder."""
@@ -107,7 +96,7 @@ def test_same_study_twice_adds_no_rows_and_no_bytes(
         first = archive.index.counts()
     assert first["instance"] == len(files)
     assert first["version"] == len(files)
-    bytes_first, files_first = blob_bytes(serve.data_dir), blob_files(serve.data_dir)
+    bytes_first, files_first = blob_bytes(serve.data_dir), blob_count(serve.data_dir)
     # header + pixel blob per instance; the pixels of 12 phantoms are all different
     assert files_first == 2 * len(files)
 
@@ -116,7 +105,7 @@ def test_same_study_twice_adds_no_rows_and_no_bytes(
     with open_archive(serve.data_dir) as archive:
         assert archive.index.counts() == first
     assert blob_bytes(serve.data_dir) == bytes_first
-    assert blob_files(serve.data_dir) == files_first
+    assert blob_count(serve.data_dir) == files_first
 
 
 def test_correction_from_same_ae_adds_only_headers_and_becomes_current(
@@ -128,14 +117,14 @@ def test_correction_from_same_ae_adds_only_headers_and_becomes_current(
         before = archive.index.counts()
         first = {sop_uid(p): archive.read_bytes(sop_uid(p)) for p in originals}
         first_vid = {u: archive.locate(u).version_id for u in first}
-    bytes_before, files_before = blob_bytes(serve.data_dir), blob_files(serve.data_dir)
+    bytes_before, files_before = blob_bytes(serve.data_dir), blob_count(serve.data_dir)
 
     send(serve.dimse_port, study["corrected"], "MODALITY1")
     growth = blob_bytes(serve.data_dir) - bytes_before
     headers = sum(p.stat().st_size for p in corrected) - pixel_bytes(corrected)
     assert 0 < growth < headers, (growth, headers)
     # one new header blob per instance, no new pixel blob
-    assert blob_files(serve.data_dir) - files_before == len(corrected)
+    assert blob_count(serve.data_dir) - files_before == len(corrected)
 
     with open_archive(serve.data_dir) as archive:
         after = archive.index.counts()

@@ -33,6 +33,7 @@ from anim.sample import generate
 from tests.conftest import (
     AnimServer,
     blob_bytes,
+    blob_store,
     echoscu,
     open_archive,
     sample_files,
@@ -75,7 +76,7 @@ def sop_uid(path: Path) -> str:
 
 
 def snapshot(data_dir: Path) -> dict[str, Any]:
-    """Row counts, a hash of every stored instance's bytes, and the blob bytes on disk."""
+    """Row counts, a hash of every stored instance's bytes, and the blob bytes stored."""
     with open_archive(data_dir) as archive:
         counts = archive.index.counts()
         stored = {uid: hashlib.sha256(archive.read_bytes(uid)).hexdigest()
@@ -377,12 +378,13 @@ class AckingSenders:
 
 
 def assert_blobs_intact(data_dir: Path, keys: set[str]) -> None:
-    """Every blob the index references is on disk and hashes to its key."""
+    """Every blob the index references is in the blob store and hashes to its key."""
     assert keys
+    store = blob_store(data_dir)
     for key in keys:
-        blob = data_dir / "blobs" / key[:3] / key
-        assert blob.is_file(), f"index row points at missing blob {key}"
-        assert hashlib.sha256(blob.read_bytes()).hexdigest() == key, f"blob {key} is corrupt"
+        assert store.exists(key), f"index row points at missing blob {key}"
+        with store.open(key) as f:
+            assert hashlib.sha256(f.read()).hexdigest() == key, f"blob {key} is corrupt"
 
 
 @pytest.mark.usefixtures("raw_send")

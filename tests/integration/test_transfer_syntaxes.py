@@ -26,7 +26,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,8 +39,8 @@ from pydicom.dataset import Dataset
 
 from tests.conftest import (
     PYDICOM_TEST_FILES,
-    ROOT,
     AnimServer,
+    anim_cli,
     dcmtk,
     echoscu,
     open_archive,
@@ -147,11 +146,6 @@ def dataset_bytes(data: bytes) -> bytes:
         else:
             pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
     return data[pos:]
-
-
-def anim_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "anim", *args], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
 
 
 def test_pydicom_test_files_cover_every_transfer_syntax() -> None:
