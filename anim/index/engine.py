@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+_MULTI_HOST = re.compile(r"^(postgresql[+\w]*://)([^@/]*@)?([^/?]*,[^/?]*)(/[^?]*)?(\?.*)?$")
+
+
+def _libpq_hosts(url: str) -> str:
+    """``postgresql://u@h1:p1,h2:p2/db?…`` (libpq's multi-host form, which SQLAlchemy's URL
+    parser refuses) as ``postgresql://u@/db?host=h1:p1&host=h2:p2&…``, which it passes on:
+    with ``target_session_attrs=read-write`` the driver finds the primary (docs/deploy.md)."""
+    m = _MULTI_HOST.match(url)
+    if m is None:
+        return url
+    scheme, user, hosts, path, query = m.groups()
+    params = "&".join(f"host={h}" for h in hosts.split(","))
+    rest = (query or "?")[1:]
+    return f"{scheme}{user or ''}{path or '/'}?{params}{'&' + rest if rest else ''}"
+
 
 def make_engine(url: str, pool_size: int = 8) -> Engine:
     """Create the engine for *url*; ``postgresql://`` uses psycopg 3."""
-    u = make_url(url)
+    u = make_url(_libpq_hosts(url))
     if u.drivername == "postgresql":
         u = u.set(drivername="postgresql+psycopg")
     if u.get_backend_name() == "sqlite":

@@ -143,6 +143,11 @@ def migrate(engine: Engine) -> int:
     applied = 0
     with engine.connect().execution_options(anim_writer=True) as conn:
         with conn.begin():
+            if conn.dialect.name == "postgresql" and conn.exec_driver_sql(
+                    "SELECT pg_is_in_recovery()").scalar():
+                raise StorageUnavailable(
+                    "the index database is a read-only hot standby: give the primary "
+                    "(or both hosts with target_session_attrs=read-write; docs/deploy.md)")
             _serialise(conn)
             schema.schema_version.create(conn, checkfirst=True)
         for number, title, step in STEPS:
