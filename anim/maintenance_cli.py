@@ -12,15 +12,18 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import Engine
 
 from anim import maintenance
 from anim.config import Config, load_config
 from anim.index import migrations
 from anim.index.engine import make_engine
-from anim.storage import open_blob_store
+from anim.storage import BlobStore, open_blob_store
 
 
 def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -77,6 +80,21 @@ class _Progress:
             print(file=sys.stderr)
 
 
+@contextmanager
+def _store_and_index(args: argparse.Namespace
+                     ) -> Iterator[tuple[BlobStore, Engine, _Progress]]:
+    """The configured blob store and index, and a progress line, for one command."""
+    cfg = _config(args)
+    blobs = open_blob_store(cfg.storage)
+    engine = make_engine(cfg.index_url, 2)
+    progress = _Progress()
+    try:
+        yield blobs, engine, progress
+    finally:
+        progress.done()
+        engine.dispose()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     Path(cfg.storage.data_dir).mkdir(parents=True, exist_ok=True)
@@ -96,16 +114,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    blobs = open_blob_store(cfg.storage)
-    engine = make_engine(cfg.index_url, 2)
-    progress = _Progress()
-    try:
+    with _store_and_index(args) as (blobs, engine, progress):
         rep = maintenance.verify(blobs, engine, rehash=not args.no_hash,
                                  workers=args.workers, progress=progress)
-    finally:
-        progress.done()
-        engine.dispose()
     if args.json:
         print(json.dumps(rep.as_dict(), indent=2))
     else:
@@ -122,16 +133,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    blobs = open_blob_store(cfg.storage)
-    engine = make_engine(cfg.index_url, 2)
-    progress = _Progress()
-    try:
+    with _store_and_index(args) as (blobs, engine, progress):
         rep = maintenance.gc(blobs, engine, grace=args.grace, dry_run=args.dry_run,
                              progress=progress)
-    finally:
-        progress.done()
-        engine.dispose()
     if args.json:
         print(json.dumps(rep.as_dict(), indent=2))
     else:

@@ -231,20 +231,29 @@ def blob_count(data_dir: Path) -> int:
 # ---- PostgreSQL -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty database on the real PostgreSQL named by ANIM_TEST_PG_URL."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "anim_test") -> Iterator[str]:
+    """A new, empty database on the real PostgreSQL named by ANIM_TEST_PG_URL; dropped
+    afterwards."""
     base = os.environ.get("ANIM_TEST_PG_URL", "")
     need_peer(bool(base), "PostgreSQL (ANIM_TEST_PG_URL, started by ./run-tests)")
     import psycopg
 
-    name = f"anim_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = base.rsplit("/", 1)[0] + "/" + name
-    yield url
-    with psycopg.connect(base, autocommit=True) as conn, contextlib.suppress(Exception):
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn, contextlib.suppress(Exception):
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty database on the real PostgreSQL named by ANIM_TEST_PG_URL."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

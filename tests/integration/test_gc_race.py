@@ -43,13 +43,6 @@ class HeldDelete:
         self.inner.delete(key)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("pg_url"))
-    return f"sqlite:///{tmp_path / 'index.sqlite'}"
-
-
 def test_a_store_racing_gc_for_the_same_blob_keeps_its_bytes(tmp_path: Path,
                                                               index_url: str) -> None:
     cfg = load_config(env={}, overrides={"storage": {"data_dir": str(tmp_path / "data"),

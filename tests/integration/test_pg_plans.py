@@ -13,12 +13,9 @@ by bench/run-scale.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import os
 import re
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,7 @@ from anim.index.engine import make_engine
 from anim.index.migrations import migrate
 from anim.index.pg_tuning import has_trigram, v10_postgres_query_indexes
 from anim.query import Level, Query
-from tests.conftest import need_peer
+from tests.conftest import fresh_pg_database
 from web.qido import STUDY_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,14 +50,11 @@ def _loader() -> Any:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """A loaded, migrated, tuned and analysed index in a fresh database."""
-    base = os.environ.get("ANIM_TEST_PG_URL", "")
-    need_peer(bool(base), "PostgreSQL (ANIM_TEST_PG_URL, started by ./run-tests)")
-    import psycopg
+    with fresh_pg_database("anim_plans") as url:
+        yield from _loaded(url, tmp_path_factory)
 
-    name = f"anim_plans_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = base.rsplit("/", 1)[0] + "/" + name
+
+def _loaded(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     marker = tmp_path_factory.mktemp("plans") / "load.json"
     loader = _loader()
     loader.load(argparse.Namespace(
@@ -74,8 +68,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         conn.exec_driver_sql("ANALYZE")
     yield eng
     eng.dispose()
-    with psycopg.connect(base, autocommit=True) as conn, contextlib.suppress(Exception):
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def _captured(engine: Engine, q: Query) -> tuple[str, Any, list[dict[str, Any]]]:
