@@ -235,20 +235,14 @@ class Metrics:
         self.associations.labels(result).inc()
 
     @contextlib.contextmanager
-    def store_timer(self, protocol: str, size: int) -> Iterator[list[StoreResult]]:
-        """Times the store in the block, which appends its result to the yielded list;
-        no result (an exception) counts as failed."""
-        t0 = time.perf_counter()
-        out: list[StoreResult] = []
-        try:
-            yield out
-        finally:
-            outcome = out[0].outcome.value if out else "failed"
-            self.stores.labels(protocol, outcome).inc()
-            self.received_bytes.labels(protocol).inc(size)
-            if out:
-                self.written_bytes.labels(protocol).inc(out[0].new_bytes)
-            self.store_seconds.labels(protocol).observe(time.perf_counter() - t0)
+    def stored(self, protocol: str, size: int, result: StoreResult | None,
+               seconds: float) -> None:
+        """One store under *protocol*: its outcome (None: it failed), bytes and time."""
+        self.stores.labels(protocol, result.outcome.value if result else "failed").inc()
+        self.received_bytes.labels(protocol).inc(size)
+        if result is not None:
+            self.written_bytes.labels(protocol).inc(result.new_bytes)
+        self.store_seconds.labels(protocol).observe(seconds)
 
 
 _BY_ARCHIVE: weakref.WeakKeyDictionary[Any, Metrics] = weakref.WeakKeyDictionary()
@@ -270,6 +264,9 @@ def of(archive: Archive) -> Metrics:
 def observed_store(archive: Archive, protocol: str, data: bytes, source: Source,
                    **kwargs: Any) -> StoreResult:
     """``archive.store(data, source, **kwargs)``, counted and timed under *protocol*."""
-    with of(archive).store_timer(protocol, len(data)) as out:
-        out.append(archive.store(data, source, **kwargs))
-    return out[0]
+    t0, result = time.perf_counter(), None
+    try:
+        result = archive.store(data, source, **kwargs)
+        return result
+    finally:
+        of(archive).stored(protocol, len(data), result, time.perf_counter() - t0)
