@@ -59,6 +59,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     put("dimse", "port", getattr(args, "dimse_port", None))
     put("web", "port", getattr(args, "http_port", None))
     put("dimse", "aet", getattr(args, "aet", None))
+    put("dimse", "workers", getattr(args, "dimse_workers", None))
     return o
 
 
@@ -77,7 +78,8 @@ def _config(args: argparse.Namespace) -> Config:
 # ---- serve -------------------------------------------------------------------------
 
 
-async def _serve(cfg: Config, ssl_ctx: ssl.SSLContext | None = None) -> None:
+async def _serve(cfg: Config, ssl_ctx: ssl.SSLContext | None = None,
+                 debug: bool = False) -> None:
     from aiohttp import web as aioweb
 
     from scp import server as scp_server
@@ -89,9 +91,18 @@ async def _serve(cfg: Config, ssl_ctx: ssl.SSLContext | None = None) -> None:
 
         @contextlib.asynccontextmanager
         async def dimse(_app: Any) -> AsyncIterator[None]:
-            server = scp_server.start(archive, cfg.dimse)
+            from scp.workers import Workers
+
+            many = cfg.dimse.workers > 1
+            server = scp_server.start(archive, cfg.dimse, reuse_port=many)
             ports["dimse"] = int(server.server_address[1])
+            workers = (Workers(cfg, ports["dimse"], cfg.dimse.workers - 1, debug)
+                       if many else None)
+            if workers is not None:
+                workers.start()
             yield
+            if workers is not None:
+                await asyncio.to_thread(workers.stop)
             await asyncio.to_thread(server.shutdown)
 
         app = web_app.create_app(archive, cfg.web, extra_ctx=[dimse])
@@ -136,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     ssl_ctx = server_ssl_context(cfg.web)
     try:
-        asyncio.run(_serve(cfg, ssl_ctx))
+        asyncio.run(_serve(cfg, ssl_ctx, args.debug))
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
@@ -253,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dimse-port", type=int, help="DIMSE port (default 11112; 0 = any free)")
     s.add_argument("--http-port", type=int, help="HTTP port (default 8080; 0 = any free)")
     s.add_argument("--aet", help="the archive's AE title (default ANIM)")
+    s.add_argument("--dimse-workers", type=int, metavar="N",
+                   help="processes accepting DIMSE associations on the port (default 1)")
     s.add_argument("--known-ae", action="append", metavar="TITLE=HOST:PORT",
                    help="a known DICOM peer, e.g. a move destination (repeatable)")
     s.set_defaults(func=cmd_serve)

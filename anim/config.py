@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,7 +79,10 @@ class DimseConfig:
     port: int = 11112
     aet: str = "ANIM"
     max_pdu: int = 0  # 0 = unlimited: fewer, larger P-DATA PDUs
-    max_associations: int = 32
+    max_associations: int = 32  # per process (see workers)
+    # processes accepting associations on the port (SO_REUSEPORT, Linux): 1 = this one;
+    # more use more cores for parallel associations (scp/workers.py, docs/deploy.md)
+    workers: int = 1
     max_associations_per_ae: int = 8  # at once from one calling AE title; 0 = no limit
     network_timeout: float = 60.0
     allow_unknown_callers: bool = True
@@ -483,16 +487,24 @@ def _validate_storage(s: StorageConfig) -> None:
         raise ConfigError("[storage].s3_part_size_mb: 5 to 5120 (S3's multipart part limits)")
 
 
+def _validate_dimse(d: DimseConfig) -> None:
+    if d.max_pdu < 0:
+        raise ConfigError("[dimse].max_pdu must be 0 (unlimited) or positive")
+    if d.max_associations < 1:
+        raise ConfigError("[dimse].max_associations must be at least 1")
+    if not 1 <= d.workers <= 64:
+        raise ConfigError("[dimse].workers: 1 to 64 processes")
+    if d.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("[dimse].workers > 1 needs SO_REUSEPORT (Linux, BSD)")
+
+
 def _validate(cfg: Config) -> Config:
     _check_aet(cfg.dimse.aet, "[dimse].aet")
     _check_port(cfg.dimse.port, "[dimse].port")
     _check_port(cfg.web.port, "[web].port")
     if cfg.web.max_stow_bytes < 1 or cfg.web.qido_max_results < 1:
         raise ConfigError("[web].max_stow_bytes and [web].qido_max_results must be positive")
-    if cfg.dimse.max_pdu < 0:
-        raise ConfigError("[dimse].max_pdu must be 0 (unlimited) or positive")
-    if cfg.dimse.max_associations < 1:
-        raise ConfigError("[dimse].max_associations must be at least 1")
+    _validate_dimse(cfg.dimse)
     _validate_storage(cfg.storage)
     if cfg.index.batch_max < 1:
         raise ConfigError("[index].batch_max must be at least 1")

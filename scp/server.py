@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
+import threading
 from typing import Any
 
 from pydicom.uid import (
@@ -21,7 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from anim import Archive, DimseConfig, metrics
 from anim.audit import AuditAction, AuditEvent
-from scp import handlers, qr, security
+from scp import handlers, qr, reactor, security
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,26 @@ class _SupportedContexts(list[PresentationContext]):
         return out
 
 
+class _Server(ThreadedAssociationServer):
+    # socketserver's default backlog of 5 drops connections when a burst of modalities
+    # (or a migration with many associations) connects at once: they retry after 1 s
+    request_queue_size = 128
+
+
+class _ReusePortServer(_Server):
+    """Binds with SO_REUSEPORT, so that worker processes share the port (scp/workers.py)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def start(archive: Archive, cfg: DimseConfig,
-          on_refused: security.OnRefused | None = None) -> ThreadedAssociationServer:
+          on_refused: security.OnRefused | None = None,
+          reuse_port: bool = False) -> ThreadedAssociationServer:
     """Start listening (returns at once; pynetdicom serves each association in a thread).
+
+    *reuse_port*: listen with SO_REUSEPORT, alongside the other worker processes.
 
     *on_refused* is told of each TLS handshake and association the archive refuses
     (by default: a failed "association" record in the audit trail).
@@ -96,6 +115,7 @@ def start(archive: Archive, cfg: DimseConfig,
                 action=AuditAction.ASSOCIATION, outcome="failure", reason=r.reason[:64],
                 who_kind="ae", who=r.calling_ae, address=r.address,
                 detail=f"{r.stage} to {r.called_ae}"))
+    reactor.install()  # event-driven DUL and association loops (scp/reactor.py)
     ae = build_ae(cfg)
     ssl_context = security.dimse_ssl_context(cfg)  # None: plain TCP
     gate = security.AssociationGate(cfg, revoked=archive.index.revoked_institutions)
@@ -115,9 +135,14 @@ def start(archive: Archive, cfg: DimseConfig,
         (evt.EVT_C_MOVE, qr.handle_move, [archive, cfg]),
         (evt.EVT_C_GET, qr.handle_get, [archive, cfg]),
     ]
-    server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=evt_handlers,
-                             contexts=_SupportedContexts(ae.supported_contexts),
-                             ssl_context=ssl_context)
+    # ae.start_server(block=False) with our server class: make_server is pynetdicom's
+    # documented way to use a custom one
+    server = ae.make_server((cfg.host, cfg.port), evt_handlers=evt_handlers,
+                            contexts=_SupportedContexts(ae.supported_contexts),
+                            ssl_context=ssl_context,
+                            server_class=_ReusePortServer if reuse_port else _Server)
+    threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+    ae._servers.append(server)  # so ae.shutdown() stops it, as start_server would
     metrics.of(archive).sampled.add(
         "anim_dimse_associations_open", "DIMSE associations established now",
         lambda: sum(1 for a in server.active_associations if a.is_established))
