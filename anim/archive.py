@@ -324,6 +324,14 @@ class Archive:
         with self.blobs.open(key) as f:
             return f.read()
 
+    def dataset_bytes(self, inst: StoredInstance) -> bytes:
+        """The data set as received, without preamble and file meta (its blobs joined)."""
+        parts = []
+        for key in inst.blob_keys:
+            with self.blobs.open(key) as f:
+                parts.append(f.read())
+        return b"".join(parts)
+
     def dataset_for(self, inst: StoredInstance, accepted: Collection[str]) -> Dataset:
         """The instance as a Dataset in a transfer syntax among *accepted*.
 

@@ -30,7 +30,7 @@ from anim import (
 )
 from anim.audit import AuditAction, from_principal
 from anim.transcode import UNCOMPRESSED
-from scp import identifiers, status
+from scp import encoded, identifiers, status
 from scp.handlers import handle_conn_open, may, peer, principal_of, status_reply, viewer_of
 
 log = logging.getLogger(__name__)
@@ -139,14 +139,24 @@ def _send_items(event: Event, archive: Archive, instances: list[StoredInstance],
             log.info("retrieve cancelled by the peer")
             yield CANCEL, None
             return
+        ok = accepted.get(inst.sop_class_uid, set())
         try:
-            ds = archive.dataset_for(inst, accepted.get(inst.sop_class_uid, set()))
+            ds = _encoded(archive, inst, ok) or archive.dataset_for(inst, ok)
         except AnimError as e:
             log.warning("retrieve: %s cannot be sent: %s", inst.sop_instance_uid, e)
             ds = _failed(inst)
         else:
             metrics.of(archive).retrieved(_PROTOCOL[event.event.name], inst.size, 1)
         yield PENDING, ds
+
+
+def _encoded(archive: Archive, inst: StoredInstance, ok: set[str]) -> Dataset | None:
+    """The stored bytes, to go out as they are, when the peer took the stored syntax."""
+    if not encoded.active() or inst.transfer_syntax not in ok:
+        return None
+    return encoded.Encoded(inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax,
+                           archive.dataset_bytes(inst),
+                           lambda: archive.dataset_for(inst, ok))
 
 
 def _contexts(instances: list[StoredInstance]) -> list[Any]:

@@ -17,13 +17,14 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, QueryRetrievePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from anim import Archive, DimseConfig, metrics
 from anim.audit import AuditAction, AuditEvent
-from scp import handlers, qr, reactor, security
+from scp import encoded, handlers, qr, reactor, security
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,12 @@ def start(archive: Archive, cfg: DimseConfig,
                 who_kind="ae", who=r.calling_ae, address=r.address,
                 detail=f"{r.stage} to {r.called_ae}"))
     reactor.install()  # event-driven DUL and association loops (scp/reactor.py)
+    encoded.install()  # retrieves send the stored bytes (scp/encoded.py)
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        # pynetdicom's "standard" handlers format every PDU and DIMSE message for its
+        # debug log (decoding the command set again) even when that log is off; without
+        # --debug nobody reads them (pynetdicom _config.LOG_HANDLER_LEVEL, documented)
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     ae = build_ae(cfg)
     ssl_context = security.dimse_ssl_context(cfg)  # None: plain TCP
     gate = security.AssociationGate(cfg, revoked=archive.index.revoked_institutions)

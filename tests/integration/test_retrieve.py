@@ -10,8 +10,8 @@
   JPEG 2000 in their own codestream, byte for byte.
 - Malformed identifiers get a failure status with an Error Comment; the server keeps serving.
 - Permissions of known AEs (TOML): find-only, limited move destinations, unknown callers.
-- Known gap, kept as a strict xfail: data sets that pydicom's writer rewrites (retired group
-  lengths, empty UN elements) do not go out byte for byte, as sub-operations re-encode.
+- Data sets that pydicom's writer would rewrite (retired group lengths, empty UN elements)
+  go out byte for byte too: sub-operations send the stored bytes (scp/encoded.py).
 
 One archive (the sample studies plus a few of pydicom's test files) and its storescp
 destinations are shared by the tests of this module: retrieval does not change it, and each
@@ -423,9 +423,6 @@ def test_move_to_a_jpeg2000_peer_sends_the_codestream_as_stored(loaded: Loaded) 
     assert_byte_identical(dest.received(), as_is)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "C-STORE sub-operations send a pydicom Dataset that pynetdicom re-encodes with "
-    "write_dataset(): retired group lengths are dropped, empty UN elements rewritten"))
 def test_move_keeps_data_sets_byte_for_byte_that_pydicom_would_rewrite(loaded: Loaded) -> None:
     dest = loaded.anything.fresh()
     rewritten = [i for i in loaded.others if i.path.name in REENCODED]
