@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -54,7 +55,7 @@ class Workers:
         proc = subprocess.Popen([sys.executable, "-m", "scp.workers"],
                                 stdin=subprocess.PIPE)
         assert proc.stdin is not None
-        proc.stdin.write(self._payload)
+        proc.stdin.write(struct.pack(">Q", len(self._payload)) + self._payload)
         proc.stdin.flush()  # stays open: its end-of-file tells the worker we are gone
         self._procs[i] = proc
 
@@ -92,9 +93,22 @@ class Workers:
         return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
 
+def _read_exactly(fd: int, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        more = os.read(fd, n - len(out))
+        if not more:
+            raise SystemExit("scp.workers: the main process went away before the configuration")
+        out += more
+    return out
+
+
 def _worker_main() -> int:
     """A worker process: read (config, port, debug) from stdin, serve DIMSE until told to stop."""
-    cfg, port, debug = pickle.load(sys.stdin.buffer)
+    # raw reads of fd 0: a thread blocked in a buffered stdin read would hold its lock
+    # when the interpreter shuts down (a fatal error at exit)
+    size = struct.unpack(">Q", _read_exactly(0, 8))[0]
+    cfg, port, debug = pickle.loads(_read_exactly(0, size))
     from anim.archive import Archive
     from anim.cli import _setup_logging
     from scp import server as scp_server
@@ -112,7 +126,8 @@ def _worker_main() -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def parent_gone() -> None:
-        sys.stdin.buffer.read()  # blocks until the main process closes the pipe or dies
+        while os.read(0, 4096):  # b"" once the main process closed the pipe or died
+            pass
         stop.set()
 
     threading.Thread(target=parent_gone, name="anim-parent-watch", daemon=True).start()

@@ -153,3 +153,4 @@ def test_no_worker_outlives_the_main_process(two: AnimServer, how: str) -> None:
         two.kill()  # the worker sees its stdin pipe close
     _wait(lambda: not _alive(worker), timeout=30, what=f"worker {worker} to exit")
     assert "Traceback" not in two.log
+    assert "Fatal Python error" not in two.log
