@@ -1,17 +1,18 @@
-"""C-STORE sub-operations send the stored bytes, not a re-encoded pydicom Dataset.
+"""Data sets that go out already encoded: pynetdicom sends their bytes as they are.
 
-pynetdicom's C-MOVE and C-GET service classes take a ``Dataset`` for each sub-operation
-and ``send_c_store`` encodes it again with pydicom's ``write_dataset``: a retrieve used to
-decode every instance in full and write it back, which costs more than the network, and
-rewrote what pydicom normalises (retired group lengths, empty UN elements).
+pynetdicom's service classes take a ``Dataset`` from our handlers and encode it with
+pydicom's ``write_dataset``: for each C-STORE sub-operation of a C-MOVE or C-GET that
+meant decoding a stored instance in full and writing it back (more work than the network,
+and what pydicom normalises, retired group lengths or empty UN elements, was rewritten);
+for each C-FIND match, building a Dataset from the match's DICOM JSON and writing it.
 
-:class:`Encoded` is a ``Dataset`` that carries the data set's bytes as the archive holds
-them (the blobs, in the transfer syntax they were received in) and only the few elements
-pynetdicom reads (SOP Class and Instance UID, the transfer syntax). ``install`` wraps
-``pynetdicom.association.encode``: given an ``Encoded`` and a presentation context whose
-encoding is the stored one, it returns the stored bytes unchanged; for any other context
-(an uncompressed syntax the peer chose instead) it decodes and converts as before. The
-wrap is pinned to pynetdicom 3.0.4, like scp/reactor.py.
+:class:`Encoded` is a ``Dataset`` holding only the few elements pynetdicom reads before
+encoding (SOP Class and Instance UID, the transfer syntax) and an *encoder*: given the
+presentation context's encoding (implicit VR, little endian, deflated) it returns the
+bytes, or None when it cannot, and then *decode* gives the full Dataset, encoded as
+before. ``install`` wraps the ``encode`` that ``pynetdicom.association`` (C-STORE) and
+``pynetdicom.service_class`` (C-FIND identifiers) call, pinned to pynetdicom 3.0.4 like
+scp/reactor.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import pynetdicom
 import pynetdicom.association
+import pynetdicom.service_class
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
@@ -33,31 +35,38 @@ _original: dict[str, Any] = {}
 _lock = threading.Lock()
 
 
+Encoder = Callable[[bool, bool, bool], bytes | None]
+
+
 class Encoded(Dataset):
-    """A data set to send as the bytes *body* (encoded in *transfer_syntax*).
+    """A data set whose bytes *encoder* gives; *decode* builds it when it cannot."""
 
-    *decode* gives the full Dataset, for a peer that needs another syntax.
-    """
-
-    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-                 body: bytes, decode: Callable[[], Dataset]) -> None:
+    def __init__(self, encoder: Encoder, decode: Callable[[], Dataset]) -> None:
         super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        self.file_meta = FileMetaDataset()
-        self.file_meta.TransferSyntaxUID = UID(transfer_syntax)
         # plain attributes (pydicom keeps non-DICOM names as ordinary attributes)
-        self.anim_body = body
+        self.anim_encoder = encoder
         self.anim_decode = decode
+
+
+def stored(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, body: bytes,
+           decode: Callable[[], Dataset]) -> Encoded:
+    """An instance to send as *body*, its data set as stored in *transfer_syntax*."""
+    ts = UID(transfer_syntax)
+    own = (ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    ds = Encoded(lambda *enc: body if enc == own else None, decode)
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds
 
 
 def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
             deflated: bool = False) -> bytes | None:
     if isinstance(ds, Encoded):
-        ts = UID(ds.file_meta.TransferSyntaxUID)
-        if (ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated) == (
-                is_implicit_vr, is_little_endian, deflated):
-            return ds.anim_body  # type: ignore[no-any-return]
+        out = ds.anim_encoder(is_implicit_vr, is_little_endian, deflated)
+        if out is not None:
+            return out
         ds = ds.anim_decode()
     return _original["encode"](ds, is_implicit_vr, is_little_endian, deflated)  # type: ignore[no-any-return]
 
@@ -72,8 +81,10 @@ def install() -> bool:
             log.warning("pynetdicom %s is not %s: retrieves re-encode each data set",
                         pynetdicom.__version__, PINNED)
             return False
+        # both modules imported dsutils.encode by name
         _original["encode"] = pynetdicom.association.encode
         pynetdicom.association.encode = _encode  # type: ignore[attr-defined]
+        pynetdicom.service_class.encode = _encode  # type: ignore[attr-defined]
         return True
 
 

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from anim import InvalidQuery, Level, Query
+from scp import encoded, fastident
 
 PATIENT_ROOT = {
     str(PatientRootQueryRetrieveInformationModelFind),
@@ -102,6 +103,25 @@ def to_query(identifier: Dataset, model_uid: str, retrieve: bool = False) -> Que
             raise InvalidQuery(f"{key} is required to retrieve at the {level.value} level")
         match = {k: v for k, v in match.items() if k in _LEVEL_OF_UNIQUE and v}
     return Query(level=level, match=match)
+
+
+def encoded_response(result: dict[str, Any], query: Query, charset: str, aet: str) -> Dataset:
+    """:func:`response`, written directly from the JSON when every value is plain ASCII
+    text (scp/fastident.py); else built by pydicom, the same way as :func:`response`."""
+    elements = fastident.elements_of(result)
+    if elements is None:
+        return response(result, query, charset, aet)
+    # what response() adds; all-ASCII values keep the requested character set
+    elements[0x00080052] = ("CS", query.level.value)
+    keys = set(query.keys)
+    if "RetrieveAETitle" in keys:
+        elements[0x00080054] = ("AE", aet)
+    if "InstanceAvailability" in keys:
+        elements[0x00080056] = ("CS", "ONLINE")
+    if charset:
+        elements[0x00080005] = ("CS", charset)
+    return encoded.Encoded(fastident.encoder(elements),
+                           lambda: response(result, query, charset, aet))
 
 
 def response(result: dict[str, Any], query: Query, charset: str, aet: str) -> Dataset:

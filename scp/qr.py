@@ -73,7 +73,7 @@ def handle_find(event: Event, archive: Archive, cfg: DimseConfig) -> Iterator[An
                 yield CANCEL, None
                 return
             n += 1
-            yield PENDING, identifiers.response(result, query, charset, cfg.aet)
+            yield PENDING, identifiers.encoded_response(result, query, charset, cfg.aet)
     except InvalidQuery as e:
         log.warning("C-FIND from %s (%s) refused: %s", ae_title, host, e)
         yield status_reply(IDENTIFIER_DOES_NOT_MATCH, str(e)), None
@@ -154,9 +154,8 @@ def _encoded(archive: Archive, inst: StoredInstance, ok: set[str]) -> Dataset | 
     """The stored bytes, to go out as they are, when the peer took the stored syntax."""
     if not encoded.active() or inst.transfer_syntax not in ok:
         return None
-    return encoded.Encoded(inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax,
-                           archive.dataset_bytes(inst),
-                           lambda: archive.dataset_for(inst, ok))
+    return encoded.stored(inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax,
+                          archive.dataset_bytes(inst), lambda: archive.dataset_for(inst, ok))
 
 
 def _contexts(instances: list[StoredInstance]) -> list[Any]:

@@ -123,6 +123,9 @@ def start(archive: Archive, cfg: DimseConfig,
         # debug log (decoding the command set again) even when that log is off; without
         # --debug nobody reads them (pynetdicom _config.LOG_HANDLER_LEVEL, documented)
         pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+        # ...and it walks every C-FIND request and response Identifier for that log
+        pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+        pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     ae = build_ae(cfg)
     ssl_context = security.dimse_ssl_context(cfg)  # None: plain TCP
     gate = security.AssociationGate(cfg, revoked=archive.index.revoked_institutions)
