@@ -304,6 +304,8 @@ STORAGE_TESTS = (
     "tests/integration/test_dicomweb_stow.py::test_stow_of_500mb_keeps_server_memory_flat",
     "tests/integration/test_robustness.py::test_sigkill_mid_ingest_keeps_every_acknowledged_instance",
     "tests/integration/test_robustness.py::test_eight_parallel_overlapping_stores_lose_nothing_and_duplicate_nothing",
+    "tests/integration/test_dimse_workers.py::test_associations_are_spread_over_the_processes",
+    "tests/integration/test_dimse_workers.py::test_find_and_get_through_any_process",
     "tests/integration/test_hcm_reference.py::test_stored_manifest_is_served_by_wado_rs_and_replaced_after_a_correction",
     "tests/unit/test_pixels_render.py",
 )

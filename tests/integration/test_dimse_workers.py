@@ -22,8 +22,6 @@ import requests
 from tests.conftest import AnimServer, dcmtk, echoscu, sample_files, storescu
 from tests.integration.test_cfind import findscu
 
-pytestmark = pytest.mark.storage
-
 WORKER_TAG = re.compile(r"\[dimse worker (\d+)\]")
 
 
