@@ -17,15 +17,15 @@ With ``--write FILE`` the section also replaces the part of FILE between
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import statistics
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# the ingest summary's helpers (this folder is on sys.path when run as a script)
+import summarize
+from summarize import cli, dig, median, minutes, num, shown, table
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
@@ -43,46 +43,12 @@ MARGIN = 0.10  # a ratio this close to its threshold is marked: repeat before co
 
 
 # ---------------------------------------------------------------------------- reading
-def dig(d: Any, *path: Any) -> Any:
-    for p in path:
-        if not (isinstance(d, dict) and p in d):
-            return None
-        d = d[p]
-    return d
-
-
-def median(xs: Iterable[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return statistics.median(vals) if vals else None
-
-
-class Run:
-    """One harness result file (one target, one or more rounds)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.res: dict[str, Any] = json.loads(path.read_text())
-        self.meta: dict[str, Any] = self.res.get("meta", {})
-        self.T: dict[str, Any] = self.res.get("target") or {}
-        self.B: dict[str, Any] = self.res.get("bounds") or {}
-
-    def runs(self, phase: str) -> list[dict[str, Any]]:
-        return self.T.get(phase + "_runs") or []
-
-    def values(self, phase: str, key: str) -> list[float]:
-        return [r[key] for r in self.runs(phase) if isinstance(r.get(key), (int, float))]
-
-    def bound_values(self, name: str, mode: str, key: str = "inst_per_s") -> list[float]:
-        return [v for r in self.B.get("rounds") or [] if (v := dig(r, name, mode, key)) is not None]
+class Run(summarize.Run):
+    """One harness result file, with what the speed table reads besides the ingest one."""
 
     def to_bound(self, phase: str, name: str, mode: str) -> list[float]:
         """Per-round target ÷ bound, the bound measured in the same round."""
-        out = []
-        for t, b in zip(self.runs(phase), self.B.get("rounds") or [], strict=False):
-            bv = dig(b, name, mode, "inst_per_s")
-            if bv and t.get("inst_per_s"):
-                out.append(t["inst_per_s"] / bv)
-        return out
+        return self.paired(phase, name, mode)
 
     def peak_rss(self) -> list[float]:
         """Per round: the highest server RSS (process tree) over the C-STORE ingest phases."""
@@ -100,13 +66,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- formatting
-def num(v: float | None, unit: str = "") -> str:
-    if v is None:
-        return "–"
-    s = f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
-    return s + (f" {unit}" if unit else "")
-
-
 def spread(xs: list[float], unit: str = "") -> str:
     """Median, with (min–max) when there is more than one value."""
     if not xs:
@@ -115,18 +74,6 @@ def spread(xs: list[float], unit: str = "") -> str:
     if len(xs) > 1:
         s += f" ({num(min(xs))}–{num(max(xs))})"
     return s
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return [*out, ""]
-
-
-def minutes(s: float | None) -> str:
-    if s is None:
-        return "?"
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
 # ---------------------------------------------------------------------------- one figure
@@ -453,38 +400,8 @@ def write_section(path: Path, body: str, today: str) -> None:
     path.write_text(text)
 
 
-def shown(p: Path) -> str:
-    """A path relative to the repository when it is inside it."""
-    p = p.resolve()
-    return str(p.relative_to(HERE.parent)) if p.is_relative_to(HERE.parent) else str(p)
-
-
-def newest(label: str) -> Path | None:
-    files = sorted((HERE / "results").glob(f"{label}-[0-9]*.json"))
-    return files[-1] if files else None
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--anim", type=Path,
-                    help="anim result JSON (default: newest bench/results/anim-speed-*.json)")
-    ap.add_argument("--orthanc", type=Path,
-                    help="Orthanc result (default: newest bench/results/orthanc-speed-*.json)")
-    ap.add_argument("--write", type=Path, metavar="FILE",
-                    help=f"also replace the section between {BEGIN} and {END} in FILE")
-    ap.add_argument("--command", help="the command that produced the results (recorded with them)")
-    a = ap.parse_args(argv)
-    paths = (a.anim or newest("anim-speed"), a.orthanc or newest("orthanc-speed"))
-    if not any(paths):
-        ap.error("no result files: give --anim/--orthanc or run bench/run-speed")
-    anim, orth = (Run(p) if p else None for p in paths)
-    body = report(anim, orth, a.command)
-    print(body)
-    if a.write:
-        write_section(a.write, body, dt.date.today().isoformat())
-        print(f"updated {a.write}", file=sys.stderr)
-    return 0
+    return cli(argv, __doc__, "speed", report, write_section, Run)
 
 
 if __name__ == "__main__":

@@ -428,27 +428,36 @@ def newest(label: str) -> Path | None:
     return files[-1] if files else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
+def cli(argv: list[str] | None, doc: str | None, kind: str,
+        report_of: Callable[[Any, Any, str | None], str],
+        write: Callable[[Path, str, str], None], run_class: type | None = None) -> int:
+    """The command line of a summary: bench/summarize.py (kind "ingest") and
+    bench/speed_summary.py (kind "speed") differ only in what they tabulate."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--anim", type=Path,
-                    help="anim result JSON (default: newest bench/results/anim-ingest-*.json)")
+                    help=f"anim result JSON (default: newest bench/results/anim-{kind}-*.json)")
     ap.add_argument("--orthanc", type=Path,
-                    help="Orthanc result (default: newest bench/results/orthanc-ingest-*.json)")
+                    help=f"Orthanc result (default: newest bench/results/orthanc-{kind}-*.json)")
     ap.add_argument("--write", type=Path, metavar="FILE",
-                    help=f"also replace the section between {BEGIN} and {END} in FILE")
+                    help="also replace the section between its markers in FILE")
     ap.add_argument("--command", help="the command that produced the results (recorded with them)")
     a = ap.parse_args(argv)
-    paths = (a.anim or newest("anim-ingest"), a.orthanc or newest("orthanc-ingest"))
+    paths = (a.anim or newest(f"anim-{kind}"), a.orthanc or newest(f"orthanc-{kind}"))
     if not any(paths):
-        ap.error("no result files: give --anim/--orthanc or run bench/run-ingest")
-    anim, orth = (Run(p) if p else None for p in paths)
-    body = report(anim, orth, a.command)
+        ap.error(f"no result files: give --anim/--orthanc or run bench/run-{kind}")
+    load = run_class or Run
+    anim, orth = (load(p) if p else None for p in paths)
+    body = report_of(anim, orth, a.command)
     print(body)
     if a.write:
-        write_section(a.write, body, dt.date.today().isoformat())
+        write(a.write, body, dt.date.today().isoformat())
         print(f"updated {a.write}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, __doc__, "ingest", report, write_section)
 
 
 if __name__ == "__main__":

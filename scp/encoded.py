@@ -12,25 +12,22 @@ presentation context's encoding (implicit VR, little endian, deflated) it return
 bytes, or None when it cannot, and then *decode* gives the full Dataset, encoded as
 before. ``install`` wraps the ``encode`` that ``pynetdicom.association`` (C-STORE) and
 ``pynetdicom.service_class`` (C-FIND identifiers) call, pinned to pynetdicom 3.0.4 like
-scp/reactor.py.
+scp/reactor.py (:func:`scp.reactor.is_pinned`).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import pynetdicom
 import pynetdicom.association
 import pynetdicom.service_class
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-log = logging.getLogger(__name__)
+from scp import reactor
 
-PINNED = "3.0.4"
 _original: dict[str, Any] = {}
 _lock = threading.Lock()
 
@@ -77,9 +74,7 @@ def install() -> bool:
     with _lock:
         if _original:
             return True
-        if pynetdicom.__version__ != PINNED:
-            log.warning("pynetdicom %s is not %s: retrieves re-encode each data set",
-                        pynetdicom.__version__, PINNED)
+        if not reactor.is_pinned("retrieves and C-FIND answers are encoded by pydicom"):
             return False
         # both modules imported dsutils.encode by name
         _original["encode"] = pynetdicom.association.encode

@@ -271,6 +271,15 @@ def _assoc_run_reactor(self: Association) -> None:
         wake.wait(timeout)
 
 
+def is_pinned(otherwise: str) -> bool:
+    """Whether pynetdicom is the version these layers were written against; if not, log
+    what happens *otherwise* (the layer stays out)."""
+    if pynetdicom.__version__ == PINNED:
+        return True
+    log.warning("pynetdicom %s is not %s: %s", pynetdicom.__version__, PINNED, otherwise)
+    return False
+
+
 def installed() -> bool:
     return bool(_originals)
 
@@ -281,9 +290,7 @@ def install() -> bool:
     with _lock:
         if _originals:
             return True
-        if pynetdicom.__version__ != PINNED:
-            log.warning("pynetdicom %s is not %s: its polling reactors are left as they are",
-                        pynetdicom.__version__, PINNED)
+        if not is_pinned("its polling reactors are left as they are"):
             return False
         _originals.update(
             dul_init=DULServiceProvider.__init__, dul_run=DULServiceProvider.run_reactor,
