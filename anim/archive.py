@@ -244,6 +244,10 @@ class Archive:
         """The original bytes of a stored instance, streamed blob by blob."""
         if inst.prefix:
             yield inst.prefix
+        yield from self.iter_dataset(inst, chunk)
+
+    def iter_dataset(self, inst: StoredInstance, chunk: int = CHUNK) -> Iterator[bytes]:
+        """The data set as received, without preamble and file meta: its blobs in turn."""
         for key in inst.blob_keys:
             with self.blobs.open(key) as f:
                 while block := f.read(chunk):
@@ -264,10 +268,7 @@ class Archive:
         """
         if target_ts is None or target_ts == inst.transfer_syntax:
             yield self.file_prefix(inst)
-            for key in inst.blob_keys:
-                with self.blobs.open(key) as f:
-                    while block := f.read(chunk):
-                        yield block
+            yield from self.iter_dataset(inst, chunk)
             return
         yield transcode.encode(self.dataset_for(inst, [target_ts]))
 
@@ -323,14 +324,6 @@ class Archive:
     def read_blob(self, key: str) -> bytes:
         with self.blobs.open(key) as f:
             return f.read()
-
-    def dataset_bytes(self, inst: StoredInstance) -> bytes:
-        """The data set as received, without preamble and file meta (its blobs joined)."""
-        parts = []
-        for key in inst.blob_keys:
-            with self.blobs.open(key) as f:
-                parts.append(f.read())
-        return b"".join(parts)
 
     def dataset_for(self, inst: StoredInstance, accepted: Collection[str]) -> Dataset:
         """The instance as a Dataset in a transfer syntax among *accepted*.

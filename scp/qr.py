@@ -154,8 +154,9 @@ def _encoded(archive: Archive, inst: StoredInstance, ok: set[str]) -> Dataset | 
     """The stored bytes, to go out as they are, when the peer took the stored syntax."""
     if not encoded.active() or inst.transfer_syntax not in ok:
         return None
+    body = b"".join(archive.iter_dataset(inst))
     return encoded.stored(inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax,
-                          archive.dataset_bytes(inst), lambda: archive.dataset_for(inst, ok))
+                          body, lambda: archive.dataset_for(inst, ok))
 
 
 def _contexts(instances: list[StoredInstance]) -> list[Any]:
